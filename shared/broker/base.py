@@ -1,0 +1,40 @@
+"""The ``Broker`` protocol (after centrifuge's broker.go).
+
+A node owns one broker. The broker calls one synchronous ``handler(channel, data)`` for every
+message on a channel this node subscribed to; the hub then writes it to local sockets. A node
+subscribes to a channel when its first local member joins and unsubscribes when the last leaves,
+so a node only receives what its own connections need.
+
+Subscriptions are reference counted by the caller (the hub), not by the broker: ``subscribe`` on a
+channel already subscribed is a no-op, and one ``unsubscribe`` drops it.
+
+``publish`` delivers to every subscribed node, including the publishing one (the hub does not
+short-circuit local delivery, so ordering is the broker's order for everyone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class Broker(Protocol):
+    async def start(self, handler: MessageHandler) -> None:
+        """Connect and start delivering messages of subscribed channels to ``handler``."""
+        ...
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        """Send ``data`` to every node subscribed to ``channel``. Raises ``BackendUnavailable``."""
+        ...
+
+    async def subscribe(self, channel: str) -> None: ...
+
+    async def unsubscribe(self, channel: str) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``BackendUnavailable`` when the broker cannot be reached."""
+        ...
+
+    async def close(self) -> None: ...
