@@ -20,6 +20,7 @@ ROUTE_MODULES: tuple[str, ...] = (
     "api.routes.tokens",
     "api.routes.audit",
     "api.routes.blobs",
+    "api.routes.mail",
 )
 
 
