@@ -127,3 +127,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> asyncio.Fut
             await asyncio.sleep(0.01)
 
     return asyncio.ensure_future(poll())
+
+
+# -- CI: a skipped test is a failure (a missing service must never pass silently) -------------
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped and os.environ.get("SWITCHBOARD_NO_SKIPS") == "1":
+        print(f"\nSWITCHBOARD_NO_SKIPS=1 and {len(_skipped)} test(s) skipped: {_skipped[:5]}")
+        session.exitstatus = 1
