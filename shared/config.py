@@ -62,6 +62,7 @@ class Settings:
     log_level: str = _s("LOG_LEVEL", "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR).")
     allowed_origins: str = _s("ALLOWED_ORIGINS", "", "Comma-separated browser Origins allowed to open sockets; empty = any.")
     shutdown_timeout_s: float = _s("SHUTDOWN_TIMEOUT_S", 10.0, "SIGTERM drain: seconds before the process exits regardless.")
+    ready_timeout_s: float = _s("READY_TIMEOUT_S", 2.0, "GET /ready: seconds each backend check may take before it counts as down.")
     # -- backends -------------------------------------------------------------------------
     database_url: str = _s("DATABASE_URL", "", "postgresql://user@host/db for PostgreSQL; empty or sqlite:///path for SQLite (default DATA_DIR/switchboard.db).")
     database_pool_min: int = _s("DATABASE_POOL_MIN", 1, "PostgreSQL pool: minimum connections per worker.")
