@@ -25,7 +25,7 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 MASK = "***"
 
@@ -111,12 +111,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
-def configure_logging(level: str | int = "INFO") -> logging.Handler:
-    """Route every logger to one JSON handler on stdout at ``level``; returns the handler.
+def configure_logging(level: str | int = "INFO", stream: TextIO | None = None) -> logging.Handler:
+    """Route every logger to one JSON handler at ``level`` on ``stream`` (stdout); returns it.
 
     Idempotent: a second call replaces the handler this function installed before.
     """
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RedactingFilter())
     handler.set_name("switchboard-json")
