@@ -44,7 +44,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     except InvalidSignature as exc:
         raise ApiError(ErrorCode.FORBIDDEN, str(exc)) from None
     try:
-        reader = await store.open(key)
+        reader = await store.reader(key)
     except BlobNotFound:
         raise ApiError(ErrorCode.NOT_FOUND, "no such blob") from None
     async with reader:

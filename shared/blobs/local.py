@@ -169,7 +169,7 @@ class LocalBlobStore:
         except OSError as exc:
             raise BlobError(f"cannot read blob: {exc.strerror}") from exc
 
-    async def open(self, key: str) -> BlobReader:
+    async def reader(self, key: str) -> BlobReader:
         """The object for streaming (the ``/blobs`` route). Missing: ``BlobNotFound``."""
         path = self._path(key)
         try:
