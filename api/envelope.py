@@ -11,7 +11,7 @@ from aiohttp import web
 from shared.codes import ErrorCode
 
 API_VERSION = "1.0"
-REQUEST_ID_KEY = "request_id"
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
 def new_request_id() -> str:

@@ -105,14 +105,16 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def backend_settings(
-    backend: str, make_settings: Callable[..., Settings], request: pytest.FixtureRequest
+    backend: str, make_settings: Callable[..., Settings], pg_schema: str, redis_prefix: str
 ) -> Settings:
-    """Settings on SQLite, or on PostgreSQL (own schema) + Redis (own prefix)."""
+    """Settings on SQLite, or on PostgreSQL (own schema) + Redis (own prefix).
+
+    Both isolation fixtures are always requested (cheap): pytest-asyncio cannot resolve fixtures
+    lazily from inside an async fixture.
+    """
     if backend == "sqlite":
         return make_settings()
-    schema = request.getfixturevalue("pg_schema")
-    prefix = request.getfixturevalue("redis_prefix")
-    return make_settings(database_url=PG_URL, database_schema=schema, redis_url=REDIS_URL, redis_prefix=prefix)
+    return make_settings(database_url=PG_URL, database_schema=pg_schema, redis_url=REDIS_URL, redis_prefix=redis_prefix)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> asyncio.Future[None]:
