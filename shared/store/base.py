@@ -27,10 +27,19 @@ class Executor(Protocol):
 
 
 class Database(Executor, Protocol):
-    dialect: Dialect
+    # Read-only, so an implementation may narrow it (``dialect: Literal["sqlite"]``).
+    @property
+    def dialect(self) -> Dialect: ...
 
     def transaction(self) -> AbstractAsyncContextManager[Executor]:
-        """A transaction: commits on normal exit, rolls back on any exception."""
+        """A transaction: commits on normal exit, rolls back on any exception or cancellation.
+
+        Inside the body use only the yielded executor: on SQLite the database is locked for
+        the whole body (calling ``db.*`` there would wait forever), on PostgreSQL ``db.*``
+        would run on another connection, outside the transaction. Not re-entrant.
+        ``ConflictError.constraint`` is the backend's name for the violated constraint
+        (PostgreSQL: the constraint name, SQLite: ``table.column``): match on the column.
+        """
         ...
 
     async def ping(self) -> None:

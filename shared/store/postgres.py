@@ -7,6 +7,7 @@ pooled connection): tests use it to isolate runs, deployments to share a databas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,15 +23,36 @@ from shared.store.migrations import CREATE_TABLE, load_migrations
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
+# The server cannot serve us (class 08 connection exceptions, 53300 too many connections,
+# 57P01-57P03 shutting down / starting up): an outage, not the caller's bug.
+_UNAVAILABLE = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
 @contextmanager
 def _map_errors() -> Iterator[None]:
     try:
         yield
     except asyncpg.UniqueViolationError as exc:
         raise ConflictError(str(exc), constraint=exc.constraint_name) from exc
+    except _UNAVAILABLE as exc:
+        raise BackendUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from exc
     except asyncpg.PostgresError as exc:
         raise StoreError(f"{type(exc).__name__}: {exc}") from exc
-    except (TimeoutError, OSError, asyncpg.InterfaceError) as exc:
+    except asyncpg.InterfaceError as exc:
+        # asyncpg uses InterfaceError both for a closed pool/connection (an outage) and for
+        # misuse such as a wrong argument count (a bug); only the message tells them apart.
+        if "closed" in str(exc) or "closing" in str(exc):
+            raise BackendUnavailable(f"postgresql: {exc}") from exc
+        raise StoreError(f"InterfaceError: {exc}") from exc
+    except asyncpg.exceptions.InternalClientError as exc:
+        raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+    except (TimeoutError, OSError) as exc:
         raise BackendUnavailable(f"postgresql: {exc}") from exc
 
 
@@ -86,6 +108,8 @@ class PostgresDatabase:
                 conn = await asyncpg.connect(url, timeout=10)
                 try:
                     await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+                except asyncpg.UniqueViolationError:
+                    pass  # IF NOT EXISTS is not atomic: a process starting beside us created it
                 finally:
                     await conn.close()
             pool = await asyncpg.create_pool(
@@ -124,13 +148,20 @@ class PostgresDatabase:
             try:
                 yield _PgExecutor(conn)
             except BaseException:
-                await asyncio.shield(tx.rollback())
+                await asyncio.shield(self._rollback(tx))
                 raise
             with _map_errors():
                 await tx.commit()
         finally:
             # Released under shield so a cancelled request never leaks a pooled connection.
             await asyncio.shield(self._pool.release(conn))
+
+    @staticmethod
+    async def _rollback(tx: Any) -> None:
+        # The caller's exception is what matters; a rollback that fails (connection lost) must
+        # not replace it, and the pool discards a broken connection on release anyway.
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            await tx.rollback()
 
     async def ping(self) -> None:
         await self.fetchval("SELECT 1")
@@ -143,8 +174,8 @@ class PostgresDatabase:
 
     async def migrate(self) -> list[str]:
         applied: list[str] = []
-        async with self._pool.acquire() as conn:
-            with _map_errors():
+        with _map_errors():
+            async with self._pool.acquire() as conn:
                 # Workers and nodes start together: one migrates, the others wait here.
                 await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"sb-migrate:{self.schema}")
                 try:
@@ -167,4 +198,7 @@ class PostgresDatabase:
         return applied
 
     async def close(self) -> None:
-        await asyncio.wait_for(self._pool.close(), timeout=5)
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout=5)
+        except TimeoutError:
+            self._pool.terminate()  # a connection still busy past the deadline: cut it

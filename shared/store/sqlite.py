@@ -22,15 +22,33 @@ import aiosqlite
 
 from shared.errors import BackendUnavailable, ConflictError, StoreError
 from shared.store.base import Executor, Row
-from shared.store.migrations import CREATE_TABLE, load_migrations
+from shared.store.migrations import CREATE_TABLE, Migration, load_migrations
 
-_PLACEHOLDER = re.compile(r"\$(\d+)")
+# A $n outside quotes; quoted strings and identifiers are matched whole so a '$1' inside a
+# literal stays text, as it does on PostgreSQL.
+_PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\d+)")
+
+
+def _placeholder(match: re.Match[str]) -> str:
+    return match.group(0) if match.group(1) is None else "?" + match.group(1)
 
 
 @lru_cache(maxsize=1024)
 def _to_sqlite(sql: str) -> str:
     # ?NNN is SQLite's numbered parameter, the same meaning as PostgreSQL's $NNN.
-    return _PLACEHOLDER.sub(r"?\1", sql)
+    return _PLACEHOLDER.sub(_placeholder, sql)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (``;`` inside literals, comments or triggers kept)."""
+    found, start = [], 0
+    for match in re.finditer(";", script):
+        candidate = script[start : match.end()]
+        if sqlite3.complete_statement(candidate):
+            found.append(candidate)
+            start = match.end()
+    found.append(script[start:])
+    return [s for s in found if s.strip().strip(";").strip()]
 
 
 def _adapt(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -52,6 +70,8 @@ def _map_errors() -> Iterator[None]:
             raise BackendUnavailable(str(exc)) from exc
         raise StoreError(str(exc)) from exc
     except sqlite3.Error as exc:
+        raise StoreError(str(exc)) from exc
+    except OverflowError as exc:  # an int outside SQLite's 64-bit INTEGER
         raise StoreError(str(exc)) from exc
     except ValueError as exc:  # aiosqlite: "no active connection"
         raise BackendUnavailable(str(exc)) from exc
@@ -100,8 +120,11 @@ class SqliteDatabase:
 
     @classmethod
     async def connect(cls, path: str) -> SqliteDatabase:
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendUnavailable(f"sqlite: cannot create the directory of {path}: {exc}") from exc
         with _map_errors():
             conn = await aiosqlite.connect(path, isolation_level=None)
             conn.row_factory = sqlite3.Row
@@ -138,23 +161,31 @@ class SqliteDatabase:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Executor]:
+        # aiosqlite runs statements on its own thread in FIFO order, and cancelling the await
+        # does not stop a statement already queued. So every way out that is not a COMMIT
+        # queues a ROLLBACK behind whatever is pending (BEGIN included) before the lock is
+        # released: the next transaction never finds this one still open.
         async with self._lock:
-            with _map_errors():
-                # IMMEDIATE takes the write lock up front: no SQLITE_BUSY upgrade deadlock
-                # between worker processes that both read, then both try to write.
-                await self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._exec
+                with _map_errors():
+                    # IMMEDIATE takes the write lock up front: no SQLITE_BUSY upgrade deadlock
+                    # between worker processes that both read, then both try to write.
+                    await self._conn.execute("BEGIN IMMEDIATE")
             except BaseException:
                 await asyncio.shield(self._rollback())
                 raise
-            with _map_errors():
-                await self._conn.execute("COMMIT")
+            try:
+                yield self._exec
+                with _map_errors():
+                    await self._conn.execute("COMMIT")
+            except BaseException:
+                await asyncio.shield(self._rollback())
+                raise
 
     async def _rollback(self) -> None:
         try:
             await self._conn.execute("ROLLBACK")
-        except sqlite3.Error:
+        except (sqlite3.Error, ValueError):  # no transaction open, or the connection is gone
             pass
 
     async def ping(self) -> None:
@@ -167,23 +198,34 @@ class SqliteDatabase:
                 await self._conn.execute(CREATE_TABLE)
                 done = {r[0] for r in await self._conn.execute_fetchall("SELECT version FROM schema_migrations")}
                 for m in load_migrations(self.dialect):
-                    if m.version in done:
-                        continue
-                    # executescript would COMMIT first; wrap the script in one transaction instead.
-                    script = (
-                        "BEGIN IMMEDIATE;\n"
-                        f"{m.sql}\n;"
-                        f"INSERT INTO schema_migrations (version, name, applied_at) "
-                        f"VALUES ({int(m.version)}, '{m.name.replace(chr(39), '')}', {int(time.time() * 1000)});\n"
-                        "COMMIT;"
-                    )
-                    try:
-                        await self._conn.executescript(script)
-                    except BaseException:
-                        await self._rollback()
-                        raise
-                    applied.append(m.name)
+                    if m.version not in done and await self._apply(m):
+                        applied.append(m.name)
         return applied
+
+    async def _apply(self, m: Migration) -> bool:
+        """Apply one migration in its own transaction; False if another process already did.
+
+        Statements run one by one (``executescript`` would COMMIT first and could not be made
+        conditional), under BEGIN IMMEDIATE, i.e. the file's write lock, so worker processes
+        opening a fresh database together apply each migration once.
+        """
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            fresh = not list(
+                await self._conn.execute_fetchall("SELECT 1 FROM schema_migrations WHERE version = ?", (m.version,))
+            )
+            if fresh:
+                for statement in _statements(m.sql):
+                    await self._conn.execute(statement)
+                await self._conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (m.version, m.name, int(time.time() * 1000)),
+                )
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await asyncio.shield(self._rollback())
+            raise
+        return fresh
 
     async def close(self) -> None:
         await self._conn.close()
