@@ -1,0 +1,274 @@
+"""``WsConnection``: one open ``/ws`` socket, an ``asyncio.Protocol`` around websockets' Sans-I/O.
+
+There is no reader coroutine per connection: bytes arrive in ``data_received`` and are handled
+right there, following websockets' ritual (STYLE.md 2):
+
+    receive_data -> events_received -> send data_to_send (always: the protocol answers pings and
+    close frames by itself) -> arm the close deadline if close_expected() -> dispatch events.
+
+Timers, not tasks: one ``call_later`` handle drives the server ping every ``heartbeat_s`` and
+closes a socket silent for ``2 x heartbeat_s``; another aborts a transport whose peer does not
+finish the closing handshake.
+
+Handlers of message types live in ``RelayState.handlers``; a later issue (hub, inbox) adds its
+own types there and attaches to ``on_open`` / ``on_close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from websockets.frames import Frame, Opcode
+from websockets.protocol import OPEN, State
+from websockets.server import ServerProtocol
+
+from relay.protocol import Codec, Message, MessageError, TokenBucket, error_frame, request_id_of
+from shared import metrics
+from shared.codes import CloseCode, ErrorCode
+from shared.config import RateSpec
+from shared.principals import Principal
+
+if TYPE_CHECKING:
+    from relay.state import RelayState
+
+log = logging.getLogger("switchboard.relay")
+
+# Time the peer gets to answer our close frame before the TCP connection is aborted. websockets
+# uses 10 s; ours is shorter because SIGTERM drain must finish within SHUTDOWN_TIMEOUT_S.
+CLOSE_TIMEOUT_S = 3.0
+_DATA_OPCODES = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
+
+
+class WsConnection(asyncio.Protocol):
+    # __slots__: one of these per socket, and a worker holds tens of thousands (STYLE.md hot path).
+    __slots__ = (
+        "id",
+        "principal",
+        "device_id",
+        "codec",
+        "protocol",
+        "transport",
+        "_state",
+        "_loop",
+        "_last_rx",
+        "_heartbeat",
+        "_close_deadline",
+        "_bucket",
+        "_warned",
+        "_fragments",
+        "_fragment_text",
+    )
+
+    def __init__(
+        self,
+        state: RelayState,
+        protocol: ServerProtocol,
+        transport: asyncio.Transport,
+        connection_id: str,
+        principal: Principal,
+        device_id: str | None,
+        codec: Codec,
+    ) -> None:
+        self._state = state
+        self.protocol = protocol
+        self.transport = transport
+        self.id = connection_id
+        self.principal = principal
+        self.device_id = device_id
+        self.codec = codec
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        self._last_rx = now
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._close_deadline: asyncio.TimerHandle | None = None
+        rate = RateSpec.parse(state.settings.ws_rate)
+        self._bucket = TokenBucket(rate.count / rate.period_s, state.settings.ws_burst, now)
+        self._warned = False
+        self._fragments: list[bytes] = []
+        self._fragment_text = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Called once the transport is ours and the 101 is in ``data_to_send``."""
+        self._send_data()
+        self._state.registry.add(self)
+        metrics.WS_CONNECTIONS_WS.inc()
+        self._schedule_heartbeat(self._state.settings.heartbeat_s)
+
+    @property
+    def open(self) -> bool:
+        return self.protocol.state is OPEN
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.receive_eof()  # idempotent; moves the protocol to CLOSED
+        assert self.protocol.state is State.CLOSED
+        for handle in (self._heartbeat, self._close_deadline):
+            if handle is not None:
+                handle.cancel()
+        self._heartbeat = self._close_deadline = None
+        if self in self._state.registry:
+            self._state.registry.discard(self)
+            metrics.WS_CONNECTIONS_WS.dec()
+            for hook in self._state.on_close:
+                hook(self)
+
+    def eof_received(self) -> bool | None:
+        self.protocol.receive_eof()
+        self._send_data()
+        return None  # let asyncio close the transport
+
+    def pause_writing(self) -> None:
+        # Nothing to stop: outbound frames come from dispatch, and the slow-consumer check below
+        # bounds what a socket may hold in its write buffer.
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- inbound --------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self._loop.time()
+        self.protocol.receive_data(data)
+        events = self.protocol.events_received()
+        self._send_data()
+        if self.protocol.close_expected():
+            self._arm_close_deadline()
+        for event in events:
+            if isinstance(event, Frame):
+                self._on_frame(event)
+
+    def _on_frame(self, frame: Frame) -> None:
+        # Control frames (ping, pong, close) were answered by the protocol; they still count as
+        # traffic for the heartbeat but not against the message budget.
+        if frame.opcode not in _DATA_OPCODES or not self.open:
+            return
+        if frame.opcode is not Opcode.CONT:
+            self._fragment_text = frame.opcode is Opcode.TEXT
+        if not frame.fin:
+            self._fragments.append(bytes(frame.data))  # the protocol bounds the total by max_size
+            return
+        data = bytes(frame.data)
+        if self._fragments:
+            self._fragments.append(data)
+            data = b"".join(self._fragments)
+            self._fragments.clear()
+        if not self._admit():
+            return
+        if self._fragment_text:
+            try:
+                data.decode()
+            except UnicodeDecodeError as exc:
+                self.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return
+        self._on_message(data)
+
+    def _admit(self) -> bool:
+        """Inbound rate limit: an error frame on the first excess, 4029 if the flood goes on."""
+        if self._bucket.take(self._loop.time()):
+            self._warned = False
+            return True
+        if self._warned:
+            self.close(CloseCode.RATE_LIMITED)
+            return False
+        self._warned = True
+        self.send(error_frame(ErrorCode.RATE_LIMIT_EXCEEDED, "too many frames; slow down"))
+        return False
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            message = self.codec.decode(data)
+        except MessageError as exc:
+            self.send(error_frame(ErrorCode.VALIDATION_ERROR, exc.message, exc.request_id))
+            return
+        handler = self._state.handlers.get(message["type"])
+        if handler is None:
+            self.send(
+                error_frame(ErrorCode.VALIDATION_ERROR, f"unknown type {message['type'][:64]!r}",
+                            request_id_of(message))
+            )
+            return
+        try:
+            result = handler(self, message)
+        except Exception:
+            log.exception("handler for %r failed", message["type"])
+            self.send(error_frame(ErrorCode.INTERNAL_ERROR, "internal error", request_id_of(message)))
+            return
+        if inspect.isawaitable(result):
+            _ = self._state.spawn(self._await_handler(result, message))
+
+    async def _await_handler(self, result: Any, message: Message) -> None:
+        try:
+            await result
+        except Exception:
+            log.exception("handler for %r failed", message["type"])
+            self.send(error_frame(ErrorCode.INTERNAL_ERROR, "internal error", request_id_of(message)))
+
+    # -- outbound -------------------------------------------------------------------------------
+    def send(self, message: Message) -> None:
+        """Encode and write one frame; dropped silently once the socket is no longer OPEN."""
+        if not self.open:
+            return
+        payload = self.codec.encode(message)
+        if self.codec.binary:
+            self.protocol.send_binary(payload)
+        else:
+            self.protocol.send_text(payload)
+        self._send_data()
+        if self.transport.get_write_buffer_size() > self._state.settings.ws_outbound_limit_bytes:
+            # The peer reads slower than we write: disconnect it rather than buffer without bound;
+            # it resumes from its cursor (realtime.md guarantee 3).
+            self.fail(CloseCode.SLOW_CONSUMER)
+
+    def close(self, code: CloseCode, reason: str | None = None) -> None:
+        """Start the closing handshake (no-op unless OPEN)."""
+        if not self.open:
+            return
+        self.protocol.send_close(code, code.reason() if reason is None else reason)
+        self._send_data()
+        self._arm_close_deadline()
+
+    def fail(self, code: CloseCode, reason: str | None = None) -> None:
+        """Close frame then end of stream, without waiting for the peer's close frame."""
+        if self.protocol.state is State.CLOSED:
+            return
+        self.protocol.fail(code, code.reason() if reason is None else reason)
+        self._send_data()
+        self._arm_close_deadline()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def _send_data(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():
+                # b"" means half-close: the server closes the TCP connection first (RFC 6455 7.1.1).
+                self.transport.write_eof()
+            else:  # TLS cannot half-close
+                self.transport.close()
+
+    # -- timers ---------------------------------------------------------------------------------
+    def _arm_close_deadline(self) -> None:
+        if self._close_deadline is None:
+            self._close_deadline = self._loop.call_later(CLOSE_TIMEOUT_S, self.transport.abort)
+
+    def _schedule_heartbeat(self, delay: float) -> None:
+        self._heartbeat = self._loop.call_later(delay, self._on_heartbeat)
+
+    def _on_heartbeat(self) -> None:
+        self._heartbeat = None
+        if not self.open:
+            return
+        interval = self._state.settings.heartbeat_s
+        silent_for = self._loop.time() - self._last_rx
+        if silent_for >= 2 * interval:
+            self.fail(CloseCode.INTERNAL_ERROR, "heartbeat timeout")
+            return
+        self.protocol.send_ping(os.urandom(4))
+        self._send_data()
+        self._schedule_heartbeat(min(interval, 2 * interval - silent_for))
