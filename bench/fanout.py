@@ -1,0 +1,307 @@
+"""Fan-out benchmarks A-D of /work/shared/spec/performance.md against one target.
+
+    .venv/bin/python bench/fanout.py --peer nats                     # A B C D, 3 runs each
+    .venv/bin/python bench/fanout.py --peer nchan --tests A --quick  # seconds-long smoke run
+    .venv/bin/python bench/fanout.py --adapter switchboard --port 8080 --server-pid PID
+
+With --peer the peer is started fresh for every trial (bench/peers/run.py), pinned
+to --server-cpus; the load (this process and its load processes) is pinned to
+--load-cpus. Prints a table (median and min-max over --runs) and writes JSON to
+bench/results/. See bench/README.md for what every column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loadgen.adapters import ADAPTERS  # noqa: E402
+from loadgen.session import Layout, Session, median_spread  # noqa: E402
+from peers.run import PEERS, Peer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+P99_BOUND_MS = 100.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = p.add_argument_group("target")
+    t.add_argument("--peer", choices=list(PEERS), help="start this peer fresh for every trial")
+    t.add_argument("--adapter", choices=list(ADAPTERS), help="protocol (default: the peer's)")
+    t.add_argument("--host", default="127.0.0.1")
+    t.add_argument("--port", type=int, help="target port (default: the peer's)")
+    t.add_argument("--server-pid", type=int, help="pid of an already running target (CPU/RSS)")
+    t.add_argument("--server-cpus", default="0", help="taskset core list for a started peer")
+    t.add_argument("--load-cpus", default="1", help="cores for the load processes ('' = no pinning)")
+    r = p.add_argument_group("runs")
+    r.add_argument("--tests", default="ABCD", help="which tests, e.g. AC")
+    r.add_argument("--runs", type=int, default=3, help="trials per test (median and spread)")
+    r.add_argument("--quick", action="store_true", help="smoke settings: 1 run, short phases, fewer sockets")
+    r.add_argument("--workers", type=int, default=2, help="load processes for counting sockets")
+    r.add_argument("--src-addrs", type=int, default=0, help="loopback source addresses (0: auto)")
+    r.add_argument("--rcvlowat", type=int, default=8192, help="SO_RCVLOWAT of counting sockets (bytes)")
+    r.add_argument("--concurrency", type=int, default=200, help="handshakes in flight per process")
+    r.add_argument("--payload", type=int, default=100, help="payload bytes")
+    r.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring a phase")
+    r.add_argument("--tag", default="", help="added to the JSON file name")
+    a = p.add_argument_group("A: 1 channel x N sockets, peak, then paced steps")
+    a.add_argument("--a-subs", type=int, default=1000)
+    a.add_argument("--a-seconds", type=float, default=10.0, help="peak measurement")
+    a.add_argument("--window", type=int, default=64, help="messages per channel ahead of the slowest sample")
+    a.add_argument("--samples", type=int, default=20, help="sampled (parsed) sockets in A and C")
+    a.add_argument("--a-steps", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", help="paced rates as fractions of the peak ('' = skip)")
+    a.add_argument("--step-seconds", type=float, default=4.0)
+    b = p.add_argument_group("B: fixed rate latency")
+    b.add_argument("--b-subs", type=int, default=1000)
+    b.add_argument("--b-rate", type=float, default=20000.0, help="deliveries/s")
+    b.add_argument("--b-seconds", type=float, default=15.0)
+    b.add_argument("--b-samples", type=int, default=1000, help="sampled sockets (default: all)")
+    c = p.add_argument_group("C: many channels")
+    c.add_argument("--c-channels", type=int, default=1000)
+    c.add_argument("--c-subs", type=int, default=10, help="sockets per channel")
+    c.add_argument("--c-seconds", type=float, default=10.0)
+    c.add_argument("--c-window", type=int, default=8, help="messages per channel ahead of the slowest sample")
+    d = p.add_argument_group("D: idle sockets")
+    d.add_argument("--d-sockets", type=int, default=10000)
+    d.add_argument("--d-channels", type=int, default=1, help="channels the idle sockets subscribe to")
+    d.add_argument("--d-settle", type=float, default=3.0, help="seconds before reading RSS")
+    args = p.parse_args(argv)
+    if not args.peer and not (args.adapter and args.port):
+        p.error("give --peer, or --adapter and --port for a running target")
+    args.adapter = args.adapter or args.peer
+    args.port = args.port or PEERS[args.peer].port
+    if args.quick:
+        args.runs = 1
+        args.warmup, args.a_seconds, args.c_seconds, args.b_seconds = 0.5, 2.0, 2.0, 3.0
+        args.step_seconds, args.a_steps = 1.0, "0.25,0.5,1.0"
+        args.a_subs, args.b_subs, args.b_samples = 200, 200, 200
+        args.c_channels, args.d_sockets, args.d_settle = 100, 1000, 1.0
+    return args
+
+
+def layout(args: argparse.Namespace, channels: int, subs: int, sampled: int, publishers: bool) -> Layout:
+    total = channels * subs + (channels if publishers else 0)
+    n_src = args.src_addrs or 1 + total // 25000  # ~28k ephemeral ports per source address
+    workers = max(args.workers, math.ceil(total / 15000))  # stay under 20,000 open files each
+    return Layout(
+        args.adapter, args.host, args.port, channels, subs, sampled, publishers, workers,
+        [f"127.0.0.{i + 1}" for i in range(n_src)], args.payload, args.rcvlowat, args.concurrency,
+    )
+
+
+# -- the tests: each gets a connected Session and returns one trial's figures ----------------
+
+
+async def test_a(s: Session, args: argparse.Namespace) -> dict[str, Any]:
+    await s.publish_unpaced(args.warmup, args.window)
+    ph = s.phase()
+    await s.publish_unpaced(args.a_seconds, args.window)
+    out: dict[str, Any] = {"peak": s.measure(ph), "bytes_per_delivery_seen": s.bytes_per_delivery_seen()}
+    out["peak"]["drained"] = await s.drain()
+    peak = out["peak"]["deliveries_per_s"]
+    steps, best, fails = [], 0.0, 0
+    for frac in [float(f) for f in args.a_steps.split(",") if f]:
+        target = frac * peak
+        msgs = target / s.layout.subscribers
+        await s.publish_paced(min(1.0, args.warmup), msgs)
+        ph = s.phase()
+        await s.publish_paced(args.step_seconds, msgs)
+        m = s.measure(ph)
+        m["target_per_s"] = target
+        # Counting sockets wake once per SO_RCVLOWAT bytes, too coarse for short paced
+        # steps: the rate a step achieved is the sampled sockets' (parsed, exact) rate.
+        achieved = m.get("sampled_rate_per_s", 0.0)
+        m["ok"] = m.get("p99_ms", math.inf) <= P99_BOUND_MS and achieved >= 0.9 * target
+        m["drained"] = await s.drain()
+        steps.append(m)
+        if m["ok"]:
+            best, fails = max(best, achieved), 0
+        else:
+            fails += 1
+            if fails >= 2:
+                break
+    out["steps"] = steps
+    out["best_at_p99"] = best
+    return out
+
+
+async def test_b(s: Session, args: argparse.Namespace) -> dict[str, Any]:
+    msgs = args.b_rate / s.layout.subscribers
+    await s.publish_paced(args.warmup, msgs)
+    ph = s.phase()
+    await s.publish_paced(args.b_seconds, msgs)
+    out = s.measure(ph)
+    out["target_per_s"] = args.b_rate
+    out["drained"] = await s.drain()
+    return out
+
+
+async def test_c(s: Session, args: argparse.Namespace) -> dict[str, Any]:
+    await s.publish_unpaced(args.warmup, args.c_window)
+    ph = s.phase()
+    await s.publish_unpaced(args.c_seconds, args.c_window)
+    out = s.measure(ph)
+    out["bytes_per_delivery_seen"] = s.bytes_per_delivery_seen()
+    out["drained"] = await s.drain()
+    return out
+
+
+async def test_d(s: Session, args: argparse.Namespace) -> dict[str, Any]:
+    # Session.run measured the RSS before connecting and the time to connect.
+    await asyncio_sleep(args.d_settle)
+    n = s.layout.subscribers
+    after = s.server_rss_kb()
+    return {
+        "sockets": n,
+        "connect_seconds": s.connect_seconds,
+        "sockets_per_s": n / s.connect_seconds if s.connect_seconds else 0.0,
+        "rss_before_kb": s.rss_before_kb,
+        "rss_after_kb": after,
+        "kb_per_socket": (after - s.rss_before_kb) / n,
+        "lost_sockets": s.lost(),
+    }
+
+
+async def asyncio_sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+TESTS: dict[str, tuple[Callable[[argparse.Namespace], Layout], Callable[[Session, argparse.Namespace], Awaitable[dict[str, Any]]]]] = {
+    "A": (lambda a: layout(a, 1, a.a_subs, a.samples, True), test_a),
+    "B": (lambda a: layout(a, 1, a.b_subs, a.b_samples, True), test_b),
+    "C": (lambda a: layout(a, a.c_channels, a.c_subs, a.samples, True), test_c),
+    "D": (lambda a: layout(a, a.d_channels, a.d_sockets // a.d_channels, 0, False), test_d),
+}
+
+
+async def run_session(s: Session, test: Callable[[Session, argparse.Namespace], Awaitable[dict[str, Any]]], args: argparse.Namespace) -> dict[str, Any]:
+    s.rss_before_kb = s.server_rss_kb()
+    try:
+        await s.connect()
+        await s.wait_subscribed()
+        result = await test(s, args)
+        result["connect_seconds"] = s.connect_seconds
+        return result
+    finally:
+        await s.close()
+
+
+@contextlib.contextmanager
+def target(args: argparse.Namespace) -> Iterator[int | None]:
+    if args.peer:
+        with Peer(args.peer, args.server_cpus) as peer:
+            yield peer.pid
+    else:
+        yield args.server_pid
+
+
+def run_trial(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    make_layout, test = TESTS[name]
+    with target(args) as pid:
+        s = Session(make_layout(args), pid)
+        s.fork_workers()
+        try:
+            return uvloop.run(run_session(s, test, args))
+        finally:
+            s.close_workers()
+
+
+# -- summary ---------------------------------------------------------------------------------
+
+FIGURES: dict[str, list[tuple[str, Callable[[dict[str, Any]], float | None]]]] = {
+    "A": [
+        ("A peak deliveries/s", lambda r: r["peak"]["deliveries_per_s"]),
+        ("A server CPU %", lambda r: r["peak"]["server_cpu_pct"]),
+        ("A load CPU %", lambda r: r["peak"]["load_cpu_pct"]),
+        ("A @p99<=100ms deliveries/s", lambda r: r["best_at_p99"]),
+    ],
+    "B": [
+        ("B p50 ms", lambda r: r.get("p50_ms")),
+        ("B p99 ms", lambda r: r.get("p99_ms")),
+        ("B max ms", lambda r: r.get("max_ms")),
+        ("B deliveries/s", lambda r: r["deliveries_per_s"]),
+        ("B load CPU %", lambda r: r["load_cpu_pct"]),
+    ],
+    "C": [
+        ("C deliveries/s", lambda r: r["deliveries_per_s"]),
+        ("C server CPU %", lambda r: r["server_cpu_pct"]),
+        ("C load CPU %", lambda r: r["load_cpu_pct"]),
+    ],
+    "D": [
+        ("D KB/socket", lambda r: r["kb_per_socket"]),
+        ("D sockets/s", lambda r: r["sockets_per_s"]),
+    ],
+}
+
+
+def summarize(name: str, trials: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for label, get in FIGURES[name]:
+        values = [v for v in (get(t) for t in trials) if v is not None]
+        if values:
+            med, lo, hi = median_spread(values)
+            out[label] = {"median": med, "min": lo, "max": hi, "n": len(values)}
+    return out
+
+
+def fmt(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}"
+
+
+def machine() -> dict[str, Any]:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
+    return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(), "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.load_cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.load_cpus.split(",")})
+    started = datetime.datetime.now(datetime.UTC)
+    report: dict[str, Any] = {
+        "target": args.adapter, "peer": args.peer, "date": started.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+        "args": vars(args), "tests": {},
+    }
+    failed = False
+    for name in args.tests.upper():
+        trials, errors = [], []
+        for i in range(args.runs):
+            t0 = time.perf_counter()
+            try:
+                trials.append(run_trial(name, args))
+            except Exception as exc:  # one failed trial must not lose the others
+                errors.append(f"{type(exc).__name__}: {exc}")
+                failed = True
+            print(f"  {args.adapter} {name} run {i + 1}/{args.runs}: {time.perf_counter() - t0:.1f}s"
+                  + (f" FAILED {errors[-1]}" if len(errors) + len(trials) == i + 1 and errors and len(trials) <= i else ""), flush=True)
+        report["tests"][name] = {"trials": trials, "errors": errors, "summary": summarize(name, trials)}
+        for label, v in report["tests"][name]["summary"].items():
+            print(f"    {label:28s} {fmt(v['median']):>12s}  ({fmt(v['min'])} - {fmt(v['max'])}, n={v['n']})", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"fanout-{args.adapter}{'-' + args.tag if args.tag else ''}-{started:%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

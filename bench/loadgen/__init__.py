@@ -1,0 +1,1 @@
+"""Fan-out load generator: raw asyncio Protocol clients on uvloop (see bench/README.md)."""
