@@ -57,11 +57,12 @@ class RunningServer:
         self.runner = runner
         self.state = state
         self.server = server
+        self._port = int(server.sockets[0].getsockname()[1])
         self._closing: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
-        return int(self.server.sockets[0].getsockname()[1])
+        return self._port
 
     async def close(self) -> None:
         if self._closing is None:
