@@ -39,7 +39,9 @@ P99_BOUND_MS = 100.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     t = p.add_argument_group("target")
     t.add_argument("--peer", choices=list(PEERS), help="start this peer fresh for every trial")
     t.add_argument("--adapter", choices=list(ADAPTERS), help="protocol (default: the peer's)")
@@ -47,14 +49,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--port", type=int, help="target port (default: the peer's)")
     t.add_argument("--server-pid", type=int, help="pid of an already running target (CPU/RSS)")
     t.add_argument("--server-cpus", default="0", help="taskset core list for a started peer")
-    t.add_argument("--load-cpus", default="1", help="cores for the load processes ('' = no pinning)")
+    t.add_argument(
+        "--load-cpus", default="1", help="cores for the load processes ('' = no pinning)"
+    )
     r = p.add_argument_group("runs")
     r.add_argument("--tests", default="ABCD", help="which tests, e.g. AC")
     r.add_argument("--runs", type=int, default=3, help="trials per test (median and spread)")
-    r.add_argument("--quick", action="store_true", help="smoke settings: 1 run, short phases, fewer sockets")
+    r.add_argument(
+        "--quick", action="store_true", help="smoke settings: 1 run, short phases, fewer sockets"
+    )
     r.add_argument("--workers", type=int, default=2, help="load processes for counting sockets")
     r.add_argument("--src-addrs", type=int, default=0, help="loopback source addresses (0: auto)")
-    r.add_argument("--rcvlowat", type=int, default=8192, help="SO_RCVLOWAT of counting sockets (bytes)")
+    r.add_argument(
+        "--rcvlowat", type=int, default=8192, help="SO_RCVLOWAT of counting sockets (bytes)"
+    )
     r.add_argument("--concurrency", type=int, default=200, help="handshakes in flight per process")
     r.add_argument("--payload", type=int, default=100, help="payload bytes")
     r.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring a phase")
@@ -62,9 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument_group("A: 1 channel x N sockets, peak, then paced steps")
     a.add_argument("--a-subs", type=int, default=1000)
     a.add_argument("--a-seconds", type=float, default=10.0, help="peak measurement")
-    a.add_argument("--window", type=int, default=64, help="messages per channel ahead of the slowest sample")
+    a.add_argument(
+        "--window", type=int, default=64, help="messages per channel ahead of the slowest sample"
+    )
     a.add_argument("--samples", type=int, default=20, help="sampled (parsed) sockets in A and C")
-    a.add_argument("--a-steps", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", help="paced rates as fractions of the peak ('' = skip)")
+    a.add_argument(
+        "--a-steps",
+        default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
+        help="paced rates as fractions of the peak ('' = skip)",
+    )
     a.add_argument("--step-seconds", type=float, default=4.0)
     b = p.add_argument_group("B: fixed rate latency")
     b.add_argument("--b-subs", type=int, default=1000)
@@ -75,10 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--c-channels", type=int, default=1000)
     c.add_argument("--c-subs", type=int, default=10, help="sockets per channel")
     c.add_argument("--c-seconds", type=float, default=10.0)
-    c.add_argument("--c-window", type=int, default=8, help="messages per channel ahead of the slowest sample")
+    c.add_argument(
+        "--c-window", type=int, default=8, help="messages per channel ahead of the slowest sample"
+    )
     d = p.add_argument_group("D: idle sockets")
     d.add_argument("--d-sockets", type=int, default=10000)
-    d.add_argument("--d-channels", type=int, default=1, help="channels the idle sockets subscribe to")
+    d.add_argument(
+        "--d-channels", type=int, default=1, help="channels the idle sockets subscribe to"
+    )
     d.add_argument("--d-settle", type=float, default=3.0, help="seconds before reading RSS")
     args = p.parse_args(argv)
     if not args.peer and not (args.adapter and args.port):
@@ -94,13 +112,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def layout(args: argparse.Namespace, channels: int, subs: int, sampled: int, publishers: bool) -> Layout:
+def layout(
+    args: argparse.Namespace, channels: int, subs: int, sampled: int, publishers: bool
+) -> Layout:
     total = channels * subs + (channels if publishers else 0)
     n_src = args.src_addrs or 1 + total // 25000  # ~28k ephemeral ports per source address
     workers = max(args.workers, math.ceil(total / 15000))  # stay under 20,000 open files each
     return Layout(
-        args.adapter, args.host, args.port, channels, subs, sampled, publishers, workers,
-        [f"127.0.0.{i + 1}" for i in range(n_src)], args.payload, args.rcvlowat, args.concurrency,
+        args.adapter,
+        args.host,
+        args.port,
+        channels,
+        subs,
+        sampled,
+        publishers,
+        workers,
+        [f"127.0.0.{i + 1}" for i in range(n_src)],
+        args.payload,
+        args.rcvlowat,
+        args.concurrency,
     )
 
 
@@ -111,7 +141,10 @@ async def test_a(s: Session, args: argparse.Namespace) -> dict[str, Any]:
     await s.publish_unpaced(args.warmup, args.window)
     ph = s.phase()
     await s.publish_unpaced(args.a_seconds, args.window)
-    out: dict[str, Any] = {"peak": s.measure(ph), "bytes_per_delivery_seen": s.bytes_per_delivery_seen()}
+    out: dict[str, Any] = {
+        "peak": s.measure(ph),
+        "bytes_per_delivery_seen": s.bytes_per_delivery_seen(),
+    }
     out["peak"]["drained"] = await s.drain()
     peak = out["peak"]["deliveries_per_s"]
     steps, best, fails = [], 0.0, 0
@@ -183,7 +216,13 @@ async def asyncio_sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-TESTS: dict[str, tuple[Callable[[argparse.Namespace], Layout], Callable[[Session, argparse.Namespace], Awaitable[dict[str, Any]]]]] = {
+TESTS: dict[
+    str,
+    tuple[
+        Callable[[argparse.Namespace], Layout],
+        Callable[[Session, argparse.Namespace], Awaitable[dict[str, Any]]],
+    ],
+] = {
     "A": (lambda a: layout(a, 1, a.a_subs, a.samples, True), test_a),
     "B": (lambda a: layout(a, 1, a.b_subs, a.b_samples, True), test_b),
     "C": (lambda a: layout(a, a.c_channels, a.c_subs, a.samples, True), test_c),
@@ -191,7 +230,11 @@ TESTS: dict[str, tuple[Callable[[argparse.Namespace], Layout], Callable[[Session
 }
 
 
-async def run_session(s: Session, test: Callable[[Session, argparse.Namespace], Awaitable[dict[str, Any]]], args: argparse.Namespace) -> dict[str, Any]:
+async def run_session(
+    s: Session,
+    test: Callable[[Session, argparse.Namespace], Awaitable[dict[str, Any]]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     s.rss_before_kb = s.server_rss_kb()
     try:
         await s.connect()
@@ -267,8 +310,20 @@ def fmt(v: float) -> str:
 
 def machine() -> dict[str, Any]:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
-    return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(), "python": platform.python_version()}
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in lscpu.splitlines()
+            if line.startswith("Model name")
+        ),
+        "?",
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,9 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {int(c) for c in args.load_cpus.split(",")})
     started = datetime.datetime.now(datetime.UTC)
     report: dict[str, Any] = {
-        "target": args.adapter, "peer": args.peer, "date": started.isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-        "args": vars(args), "tests": {},
+        "target": args.adapter,
+        "peer": args.peer,
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "args": vars(args),
+        "tests": {},
     }
     failed = False
     for name in args.tests.upper():
@@ -291,13 +350,30 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # one failed trial must not lose the others
                 errors.append(f"{type(exc).__name__}: {exc}")
                 failed = True
-            print(f"  {args.adapter} {name} run {i + 1}/{args.runs}: {time.perf_counter() - t0:.1f}s"
-                  + (f" FAILED {errors[-1]}" if len(errors) + len(trials) == i + 1 and errors and len(trials) <= i else ""), flush=True)
-        report["tests"][name] = {"trials": trials, "errors": errors, "summary": summarize(name, trials)}
+            print(
+                f"  {args.adapter} {name} run {i + 1}/{args.runs}: {time.perf_counter() - t0:.1f}s"
+                + (
+                    f" FAILED {errors[-1]}"
+                    if len(errors) + len(trials) == i + 1 and errors and len(trials) <= i
+                    else ""
+                ),
+                flush=True,
+            )
+        report["tests"][name] = {
+            "trials": trials,
+            "errors": errors,
+            "summary": summarize(name, trials),
+        }
         for label, v in report["tests"][name]["summary"].items():
-            print(f"    {label:28s} {fmt(v['median']):>12s}  ({fmt(v['min'])} - {fmt(v['max'])}, n={v['n']})", flush=True)
+            print(
+                f"    {label:28s} {fmt(v['median']):>12s}  ({fmt(v['min'])} - {fmt(v['max'])}, n={v['n']})",
+                flush=True,
+            )
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"fanout-{args.adapter}{'-' + args.tag if args.tag else ''}-{started:%Y%m%dT%H%M%S}.json"
+    path = (
+        RESULTS
+        / f"fanout-{args.adapter}{'-' + args.tag if args.tag else ''}-{started:%Y%m%dT%H%M%S}.json"
+    )
     path.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {path}")
     return 1 if failed else 0

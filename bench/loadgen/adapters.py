@@ -158,7 +158,9 @@ class YWebsocketAdapter(Adapter):
         self._prefix, self._suffix = prefix, suffix
         # Self-check: a patched update equals what pycrdt makes for that client + text.
         probe = make_payload(1, 2, payload_size)[: self._text_len]
-        if self._update(self._FIRST_ID + 5, probe) != self._pycrdt_update(self._FIRST_ID + 5, probe):
+        if self._update(self._FIRST_ID + 5, probe) != self._pycrdt_update(
+            self._FIRST_ID + 5, probe
+        ):
             raise RuntimeError("Yjs update template does not match pycrdt's encoding")
 
     @staticmethod
@@ -172,7 +174,11 @@ class YWebsocketAdapter(Adapter):
     def _template(self, client_id: int, text: bytes) -> tuple[bytes, bytes]:
         update = self._pycrdt_update(client_id, text)
         cid = _varuint(client_id)
-        if len(update) != self.payload_size or update[2:7] != cid or not update.endswith(text + b"\x00"):
+        if (
+            len(update) != self.payload_size
+            or update[2:7] != cid
+            or not update.endswith(text + b"\x00")
+        ):
             raise RuntimeError(f"unexpected Yjs update layout: {update!r}")
         head = update[:2]
         middle = update[7 : len(update) - len(text) - 1]
@@ -232,13 +238,21 @@ class SwitchboardAdapter(Adapter):
         return f"/ws/relay/{channel}"
 
     def pub_frame(self, channel: str, payload: bytes) -> bytes:
-        body = {"type": "crdt_operation", "payload": base64.b64encode(payload).decode(), "timestamp": 0}
+        body = {
+            "type": "crdt_operation",
+            "payload": base64.b64encode(payload).decode(),
+            "timestamp": 0,
+        }
         return client_frame(json.dumps(body, separators=(",", ":")).encode(), OP_TEXT)
 
     def extract(self, frame: bytes) -> list[tuple[int, int]]:
         try:
             msg = json.loads(frame)
-            return find_stamps(base64.b64decode(msg["payload"])) if msg.get("type") == "crdt_operation" else []
+            return (
+                find_stamps(base64.b64decode(msg["payload"]))
+                if msg.get("type") == "crdt_operation"
+                else []
+            )
         except (ValueError, KeyError, TypeError):
             return []
 

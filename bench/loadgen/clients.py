@@ -82,7 +82,9 @@ class _Handshaking:
 class CountingSub(_Handshaking, asyncio.BufferedProtocol):
     """Never parses: counts bytes into `counters[slot]`."""
 
-    def __init__(self, request: bytes, init: bytes, counters: Any, slot: int, rcvlowat: int) -> None:
+    def __init__(
+        self, request: bytes, init: bytes, counters: Any, slot: int, rcvlowat: int
+    ) -> None:
         super().__init__(request, init)
         self.counters = counters
         self.slot = slot
@@ -124,7 +126,9 @@ class Samples:
 class SampledSub(_Handshaking, asyncio.Protocol):
     """Parses frames, extracts each stamp, records publish->receive latency."""
 
-    def __init__(self, request: bytes, init: bytes, adapter: Adapter, channel: int, samples: Samples) -> None:
+    def __init__(
+        self, request: bytes, init: bytes, adapter: Adapter, channel: int, samples: Samples
+    ) -> None:
         super().__init__(request, init)
         self.adapter = adapter
         self.channel = channel

@@ -95,8 +95,17 @@ class Session:
         for w in range(n):
             part = counting[w * per : (w + 1) * per]
             spec = WorkerSpec(
-                lay.adapter, lay.payload_size, lay.host, lay.port, part, w * per, lay.src_addrs,
-                lay.rcvlowat, lay.concurrency, lay.timeout, lay.max_seconds,
+                lay.adapter,
+                lay.payload_size,
+                lay.host,
+                lay.port,
+                part,
+                w * per,
+                lay.src_addrs,
+                lay.rcvlowat,
+                lay.concurrency,
+                lay.timeout,
+                lay.max_seconds,
             )
             self.workers.append(WorkerHandle(spec, self.counters, 2 * w))
 
@@ -123,8 +132,11 @@ class Session:
             req = handshake_request(lay.host, lay.port, ad.sub_path(name), ad.headers())
             async with sem:
                 p = await open_socket(
-                    lambda: SampledSub(req, ad.sub_init(name), ad, ch, self.samples), lay.host, lay.port,
-                    lay.src_addrs[i % len(lay.src_addrs)], lay.timeout,
+                    lambda: SampledSub(req, ad.sub_init(name), ad, ch, self.samples),
+                    lay.host,
+                    lay.port,
+                    lay.src_addrs[i % len(lay.src_addrs)],
+                    lay.timeout,
                 )
             assert isinstance(p, SampledSub)
             return p
@@ -133,11 +145,19 @@ class Session:
             name = channel_name(ch)
             req = handshake_request(lay.host, lay.port, ad.pub_path(name), ad.headers())
             async with sem:
-                p = await open_socket(lambda: Publisher(req, ad.pub_init(name)), lay.host, lay.port, lay.src_addrs[0], lay.timeout)
+                p = await open_socket(
+                    lambda: Publisher(req, ad.pub_init(name)),
+                    lay.host,
+                    lay.port,
+                    lay.src_addrs[0],
+                    lay.timeout,
+                )
             assert isinstance(p, Publisher)
             return p
 
-        self.sampled = list(await asyncio.gather(*(sampled(i, ch) for i, ch in enumerate(self._sampled_channels))))
+        self.sampled = list(
+            await asyncio.gather(*(sampled(i, ch) for i, ch in enumerate(self._sampled_channels)))
+        )
         own = time.perf_counter() - t0
         if lay.publishers:
             self.pubs = list(await asyncio.gather(*(publisher(ch) for ch in range(lay.channels))))
@@ -152,7 +172,9 @@ class Session:
             worst = max(worst, seconds)
         self.connect_seconds = worst
         if self.connect_failures:
-            raise RuntimeError(f"{self.connect_failures} sockets failed to connect, first: {self.first_error}")
+            raise RuntimeError(
+                f"{self.connect_failures} sockets failed to connect, first: {self.first_error}"
+            )
 
     async def wait_subscribed(self, timeout: float = 10.0) -> None:
         """Publish probes (send time 0) until every sampled socket has seen one."""
@@ -165,7 +187,9 @@ class Session:
             for ch in {s.channel for s in self.sampled if s.last_seq == 0}:
                 self.sent[ch] += 1
                 self.pubs[ch].transport.write(  # type: ignore[union-attr]
-                    self.adapter.pub_frame(channel_name(ch), make_payload(self.sent[ch], 0, self.layout.payload_size))
+                    self.adapter.pub_frame(
+                        channel_name(ch), make_payload(self.sent[ch], 0, self.layout.payload_size)
+                    )
                 )
             await asyncio.sleep(0.05)
 
@@ -186,7 +210,9 @@ class Session:
         load = CpuMeter(self.load_pids())
         server.start(now)
         load.start(now)
-        return Phase(now, self.delivered(), len(self.samples.latency_ns), self.samples.messages, server, load)
+        return Phase(
+            now, self.delivered(), len(self.samples.latency_ns), self.samples.messages, server, load
+        )
 
     def measure(self, start: Phase) -> dict[str, Any]:
         now = time.perf_counter()
@@ -205,9 +231,7 @@ class Session:
             per_socket = (self.samples.messages - start.sample_messages) / len(self.sampled) / dt
             out["sampled_rate_per_s"] = per_socket * self.layout.subscribers
         if lat:
-            out.update(
-                p50_ms=_pct(lat, 50) / 1e6, p99_ms=_pct(lat, 99) / 1e6, max_ms=lat[-1] / 1e6
-            )
+            out.update(p50_ms=_pct(lat, 50) / 1e6, p99_ms=_pct(lat, 99) / 1e6, max_ms=lat[-1] / 1e6)
         return out
 
     def bytes_per_delivery_seen(self) -> float | None:
@@ -224,7 +248,9 @@ class Session:
             seq = self.sent[ch]
             name = channel_name(ch)
             pub.transport.write(  # type: ignore[union-attr]
-                b"".join(ad.pub_frame(name, make_payload(seq + k + 1, ts, size)) for k in range(rounds))
+                b"".join(
+                    ad.pub_frame(name, make_payload(seq + k + 1, ts, size)) for k in range(rounds)
+                )
             )
             self.sent[ch] = seq + rounds
 
@@ -243,7 +269,9 @@ class Session:
                 continue
             seq, name = self.sent[ch], channel_name(ch)
             pub.transport.write(  # type: ignore[union-attr]
-                b"".join(ad.pub_frame(name, make_payload(seq + i + 1, ts, size)) for i in range(count))
+                b"".join(
+                    ad.pub_frame(name, make_payload(seq + i + 1, ts, size)) for i in range(count)
+                )
             )
             self.sent[ch] = seq + count
         self._rr = (start + extra) % nch

@@ -79,12 +79,18 @@ async def connect_counting(
         src = spec.src_addrs[(spec.first_index + i) % len(spec.src_addrs)]
         async with sem:
             proto = await open_socket(
-                lambda: CountingSub(request, init, counters, slot, spec.rcvlowat), spec.host, spec.port, src, spec.timeout
+                lambda: CountingSub(request, init, counters, slot, spec.rcvlowat),
+                spec.host,
+                spec.port,
+                src,
+                spec.timeout,
             )
         assert isinstance(proto, CountingSub)
         opened.append(proto)
 
-    results = await asyncio.gather(*(one(i, ch) for i, ch in enumerate(spec.channels)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(one(i, ch) for i, ch in enumerate(spec.channels)), return_exceptions=True
+    )
     return opened, [r for r in results if isinstance(r, BaseException)]
 
 
@@ -107,10 +113,20 @@ async def _worker(conn: Connection, spec: WorkerSpec, counters: Any, slot: int) 
         t0 = time.perf_counter()
         protos, failures = await connect_counting(spec, counters, slot)
         elapsed = time.perf_counter() - t0
-        conn.send(("connected", len(protos), len(failures), elapsed, repr(failures[0]) if failures else ""))
+        conn.send(
+            (
+                "connected",
+                len(protos),
+                len(failures),
+                elapsed,
+                repr(failures[0]) if failures else "",
+            )
+        )
         adapter = ADAPTERS[spec.adapter]
         if adapter.keepalive is not None:
-            ka = asyncio.create_task(keepalive(list(protos), adapter.keepalive, adapter.keepalive_s))
+            ka = asyncio.create_task(
+                keepalive(list(protos), adapter.keepalive, adapter.keepalive_s)
+            )
         await cmds.get(max(0.0, deadline - time.monotonic()))
     finally:
         if ka is not None:

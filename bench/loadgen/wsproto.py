@@ -17,7 +17,9 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 _ZERO_MASK = b"\x00\x00\x00\x00"
 
 
-def handshake_request(host: str, port: int, path: str, headers: dict[str, str] | None = None) -> bytes:
+def handshake_request(
+    host: str, port: int, path: str, headers: dict[str, str] | None = None
+) -> bytes:
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"

@@ -52,7 +52,15 @@ PEERS: dict[str, PeerSpec] = {
         PeerSpec(
             "nchan",
             18702,
-            ["nginx", "-p", str(RUN_DIR / "nginx"), "-c", str(HERE / "nchan.conf"), "-g", "daemon off;"],
+            [
+                "nginx",
+                "-p",
+                str(RUN_DIR / "nginx"),
+                "-c",
+                str(HERE / "nchan.conf"),
+                "-g",
+                "daemon off;",
+            ],
             "/sub/probe",
             dirs=("nginx/logs", "nginx/tmp"),
         ),
@@ -108,7 +116,9 @@ class Peer:
 
     def start(self) -> Peer:
         if port_open(self.spec.port):
-            raise RuntimeError(f"port {self.spec.port} is already in use (a stray {self.spec.name}?)")
+            raise RuntimeError(
+                f"port {self.spec.port} is already in use (a stray {self.spec.name}?)"
+            )
         for d in self.spec.dirs:
             (RUN_DIR / d).mkdir(parents=True, exist_ok=True)
         RUN_DIR.mkdir(parents=True, exist_ok=True)
@@ -134,14 +144,18 @@ class Peer:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.spec.name} exited ({self.proc.returncode}): {self.tail()}")
+                raise RuntimeError(
+                    f"{self.spec.name} exited ({self.proc.returncode}): {self.tail()}"
+                )
             try:
                 probe("127.0.0.1", self.spec.port, self.spec.probe_path)
                 return
             except (OSError, Exception) as exc:  # not listening yet, or not answering yet
                 last = exc
                 time.sleep(0.05)
-        raise TimeoutError(f"{self.spec.name} not ready in {self.ready_timeout}s ({last}): {self.tail()}")
+        raise TimeoutError(
+            f"{self.spec.name} not ready in {self.ready_timeout}s ({last}): {self.tail()}"
+        )
 
     def tail(self, n: int = 800) -> str:
         try:
@@ -198,14 +212,19 @@ def main() -> int:
             try:
                 with Peer(name, args.cpu) as peer:
                     pids = procstat.tree(peer.pid)
-                    print(f"{name:11s} ok  port {peer.port}  pids {pids}  rss {procstat.rss_kb(pids):.0f} KB")
+                    print(
+                        f"{name:11s} ok  port {peer.port}  pids {pids}  rss {procstat.rss_kb(pids):.0f} KB"
+                    )
             except Exception as exc:
                 failed += 1
                 print(f"{name:11s} FAILED: {exc}")
         return 1 if failed else 0
 
     with Peer(args.peer, args.cpu) as peer:
-        print(f"{args.peer} pid {peer.pid} on 127.0.0.1:{peer.port}, stopping in {args.seconds:.0f}s", flush=True)
+        print(
+            f"{args.peer} pid {peer.pid} on 127.0.0.1:{peer.port}, stopping in {args.seconds:.0f}s",
+            flush=True,
+        )
         try:
             time.sleep(args.seconds)
         except KeyboardInterrupt:
