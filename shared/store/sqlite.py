@@ -9,6 +9,7 @@ statement lands inside it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
 import time
@@ -23,6 +24,10 @@ import aiosqlite
 from shared.errors import BackendUnavailable, ConflictError, StoreError
 from shared.store.base import Executor, Row
 from shared.store.migrations import CREATE_TABLE, Migration, load_migrations
+
+# aiosqlite's DEBUG lines quote every bound parameter (token hashes, email bodies with links):
+# with LOG_LEVEL=DEBUG they would reach the logs, so its logger never goes below INFO.
+logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 # A $n outside quotes; quoted strings and identifiers are matched whole so a '$1' inside a
 # literal stays text, as it does on PostgreSQL.
