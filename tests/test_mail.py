@@ -56,8 +56,9 @@ class Env:
 def backend_make_settings(
     backend: str, make_settings: Callable[..., Settings], request: pytest.FixtureRequest
 ) -> Callable[..., Settings]:
-    # A sync fixture: pytest-asyncio cannot resolve async fixtures (pg_schema) through
-    # getfixturevalue from inside an async one.
+    # Sync on purpose: resolving the async pg_schema with getfixturevalue inside an async
+    # fixture that another async fixture depends on fails under pytest-asyncio 1.5
+    # ("Runner.run() cannot be called from a running event loop").
     if backend == "sqlite":
         return make_settings
     url, schema = request.getfixturevalue("pg_url"), request.getfixturevalue("pg_schema")
