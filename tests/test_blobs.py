@@ -180,7 +180,7 @@ async def test_max_size_enforced_while_streaming_keeps_nothing(env: Env) -> None
 
     async def endless() -> AsyncIterator[bytes]:
         nonlocal consumed
-        while True:  # the store must stop reading, not wait for the end
+        while consumed < 64 * MiB:  # "endless" for the store: it must stop reading on its own
             consumed += MiB
             yield b"y" * MiB
 
@@ -446,6 +446,27 @@ async def test_local_oversize_direct_upload_refused(env: Env, only_local: LocalB
         assert await _error(resp) == (413, "PAYLOAD_TOO_LARGE")
     assert await only_local.head("big/x") is None
     assert await leftovers(env) == []
+
+
+@local_only
+async def test_local_oversize_refused_before_reading_body(env: Env, only_local: LocalBlobStore) -> None:
+    """A declared Content-Length over the limit is answered at once: the body is never awaited."""
+    grant = urlsplit((await only_local.upload_url("early/x", 60, "image/jpeg", MiB)).url)
+    reader, writer = await asyncio.open_connection(grant.hostname, grant.port)
+    try:
+        writer.write(
+            f"PUT {grant.path}?{grant.query} HTTP/1.1\r\nHost: {grant.netloc}\r\n"
+            f"Content-Length: {100 * MiB}\r\nContent-Type: image/jpeg\r\n\r\n".encode()
+            + b"only the first bytes"
+        )
+        await writer.drain()
+        # A server that waited for the other 100 MiB would never answer: the timeout only
+        # detects that hang.
+        status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+        assert status_line.split()[1] == b"413"
+    finally:
+        writer.close()
+    assert await only_local.head("early/x") is None
 
 
 @s3_only

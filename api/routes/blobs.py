@@ -14,6 +14,7 @@ from aiohttp import web
 
 from api.envelope import ok
 from api.keys import SERVICES
+from api.openapi import errors, json_ok
 from shared.blobs.local import READ_CHUNK, InvalidSignature, LocalBlobStore
 from shared.codes import ErrorCode
 from shared.errors import ApiError, BlobNotFound, BlobTooLarge
@@ -99,28 +100,27 @@ _SIGNATURE_PARAMS: list[dict[str, Any]] = [
     {"name": "expires", "in": "query", "required": True, "schema": {"type": "integer"},
      "description": "Last valid unix second."},
     {"name": "signature", "in": "query", "required": True, "schema": {"type": "string"},
-     "description": "base64url HMAC-SHA256, issued by the server."},
+     "description": "base64url HMAC-SHA256, issued by the server. Expired, tampered or missing: 403 `FORBIDDEN`."},
 ]
-_ERRORS: dict[str, Any] = {
-    "403": {"description": "`FORBIDDEN`: expired, tampered or missing signature."},
-    "404": {"description": "`NOT_FOUND`: no such object, or blobs are stored in S3."},
-}
+_BINARY = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
+_NOTE = " Served only by the local blob store; with S3 configured: 404 `NOT_FOUND`."
 
 OPENAPI: dict[str, dict[str, dict[str, Any]]] = {
     "/blobs/{key}": {
         "get": {
-            "summary": "Download an object with a signed URL (local blob store only)",
+            "summary": "Download an object with a signed URL",
+            "description": "HEAD is served too." + _NOTE,
+            "tags": ["blobs"],
             "parameters": _SIGNATURE_PARAMS,
             "responses": {
-                "200": {
-                    "description": "The object's bytes with its stored Content-Type.",
-                    "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
-                },
-                **_ERRORS,
+                "200": {"description": "The object's bytes with its stored Content-Type.", "content": _BINARY},
+                **errors(403, 404),
             },
         },
         "put": {
-            "summary": "Upload an object directly with a signed upload URL (local blob store only)",
+            "summary": "Upload an object directly with a signed upload URL",
+            "description": "The body is streamed to the store; over `max_size` nothing is kept." + _NOTE,
+            "tags": ["blobs"],
             "parameters": [
                 *_SIGNATURE_PARAMS,
                 {"name": "content_type", "in": "query", "required": True, "schema": {"type": "string"},
@@ -128,14 +128,20 @@ OPENAPI: dict[str, dict[str, dict[str, Any]]] = {
                 {"name": "max_size", "in": "query", "required": True, "schema": {"type": "integer"},
                  "description": "Signed size limit in bytes."},
             ],
-            "requestBody": {
-                "required": True,
-                "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
-            },
+            "requestBody": {"required": True, "content": _BINARY},
             "responses": {
-                "201": {"description": "Stored: `{key, size_bytes, content_type}`."},
-                **_ERRORS,
-                "413": {"description": "`PAYLOAD_TOO_LARGE`: over the signed size; nothing is kept."},
+                "201": json_ok(
+                    "Stored.",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "key": {"type": "string"},
+                            "size_bytes": {"type": "integer"},
+                            "content_type": {"type": "string"},
+                        },
+                    },
+                ),
+                **errors(403, 404, 413),
             },
         },
     }
