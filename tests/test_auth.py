@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -368,3 +369,41 @@ async def test_forged_and_expired_access_tokens(make_settings: Callable[..., Set
             await h.fails("GET", "/auth/me", 401, "INVALID_TOKEN", headers=header)
         # The genuine one still works.
         assert (await h.ok("GET", "/auth/me", session["access_token"]))["email"] == "quinn@example.com"
+
+
+# -- password hashing ------------------------------------------------------------------------------
+
+
+async def test_passwords_are_argon2id_hashed_off_the_loop_and_unknown_emails_cost_a_verify(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nacl import pwhash
+
+    from shared import passwords
+
+    threads: list[str] = []
+    real_str, real_verify = pwhash.argon2id.str, pwhash.argon2id.verify
+
+    def spy_str(*args: Any, **kwargs: Any) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real_str(*args, **kwargs)
+
+    def spy_verify(*args: Any, **kwargs: Any) -> bool:
+        threads.append(threading.current_thread().name)
+        return bool(real_verify(*args, **kwargs))
+
+    monkeypatch.setattr(passwords.pwhash.argon2id, "str", spy_str)
+    monkeypatch.setattr(passwords.pwhash.argon2id, "verify", spy_verify)
+    await h.register("rae@example.com")
+    stored = await h.services.db.fetchval("SELECT password_hash FROM users WHERE email = 'rae@example.com'")
+    assert stored.startswith("$argon2id$") and PASSWORD not in stored
+    assert len(threads) == 1
+    # An unknown email runs one argon2id verify (against the dummy hash), like a wrong password.
+    await h.fails("POST", "/auth/login", 401, "INVALID_CREDENTIALS",
+                  json={"email": "nobody@example.com", "password": PASSWORD})
+    verifies_unknown = len(threads) - 1
+    await h.fails("POST", "/auth/login", 401, "INVALID_CREDENTIALS",
+                  json={"email": "rae@example.com", "password": "wrong password"})
+    assert verifies_unknown >= 1 and len(threads) - 1 - verifies_unknown == 1
+    main = threading.main_thread().name
+    assert threads and all(name.startswith("argon2") and name != main for name in threads)
