@@ -379,8 +379,6 @@ async def test_passwords_are_argon2id_hashed_off_the_loop_and_unknown_emails_cos
 ) -> None:
     from nacl import pwhash
 
-    from shared import passwords
-
     threads: list[str] = []
     real_str, real_verify = pwhash.argon2id.str, pwhash.argon2id.verify
 
@@ -392,8 +390,8 @@ async def test_passwords_are_argon2id_hashed_off_the_loop_and_unknown_emails_cos
         threads.append(threading.current_thread().name)
         return bool(real_verify(*args, **kwargs))
 
-    monkeypatch.setattr(passwords.pwhash.argon2id, "str", spy_str)
-    monkeypatch.setattr(passwords.pwhash.argon2id, "verify", spy_verify)
+    monkeypatch.setattr(pwhash.argon2id, "str", spy_str)
+    monkeypatch.setattr(pwhash.argon2id, "verify", spy_verify)
     await h.register("rae@example.com")
     stored = await h.services.db.fetchval("SELECT password_hash FROM users WHERE email = 'rae@example.com'")
     assert stored.startswith("$argon2id$") and PASSWORD not in stored
