@@ -50,6 +50,16 @@ async def test_export_has_the_callers_events_with_hashed_ips(backend_settings: S
         await h.fails("GET", "/auth/me", 401, "INVALID_TOKEN", refreshed["access_token"])
         token = (await h.login("ann@example.com"))["access_token"]
         await h.ok("PATCH", "/auth/me", token, json={"password": "another password", "current_password": PASSWORD})
+        await h.ok("POST", "/auth/logout", token)
+        await h.ok("POST", "/auth/forgot-password", json={"email": "ann@example.com"})
+        reset = await h.mail_token("ann@example.com", "password_reset")
+        await h.ok("POST", "/auth/reset-password", json={"token": reset, "password": "third password!"})
+        old = (await h.login("ann@example.com", "third password!"))["access_token"]
+        token = (await h.login("ann@example.com", "third password!"))["access_token"]
+        sessions = (await h.ok("GET", "/auth/sessions", token))["items"]
+        old_id = next(s["id"] for s in sessions if not s["current"])
+        await h.call("DELETE", f"/auth/sessions/{old_id}", token)
+        await h.fails("GET", "/auth/me", 401, "INVALID_TOKEN", old)
         await h.signup("bob@example.com")  # someone else's entries
 
         entries = await export(h, token)
@@ -57,7 +67,10 @@ async def test_export_has_the_callers_events_with_hashed_ips(backend_settings: S
         assert events == [
             "auth.register", "auth.login_failed", "auth.login", "auth.email_verified", "token.created",
             "token.updated", "token.revoked", "auth.refresh_reused", "auth.login", "auth.password_changed",
+            "auth.logout", "auth.password_reset_requested", "auth.password_reset", "auth.login", "auth.login",
+            "auth.session_revoked",
         ]
+        assert entries[-1]["details"] == {"session_id": old_id}
         assert [e["id"] for e in entries] == sorted(e["id"] for e in entries)  # newest last
         for entry in entries:
             assert set(entry) == {"id", "event", "created_at", "ip_hash", "subject_hash", "details"}
