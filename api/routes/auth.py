@@ -285,13 +285,14 @@ async def refresh(request: web.Request) -> web.StreamResponse:
         if row is None or row["revoked_at"] is not None:
             raise invalid_token("unknown or revoked refresh token")
         session_id, user_id = row["session_id"], row["user_id"]
-        # The claim is the atomic step: of two requests racing with one token, only one wins.
-        claimed = row["used_at"] is None and row["expires_at"] > now and await tx.execute(
+        if row["used_at"] is None and row["expires_at"] <= now:
+            raise ApiError(ErrorCode.TOKEN_EXPIRED, "refresh token expired")
+        # The claim is the atomic step: of two requests racing with one token, only one wins;
+        # the loser is treated as reuse, like any second presentation.
+        claimed = row["used_at"] is None and await tx.execute(
             "UPDATE refresh_tokens SET used_at = $2 WHERE token_hash = $1 AND used_at IS NULL",
             hash_token(presented), now,
         ) == 1
-        if not claimed and row["expires_at"] <= now and row["used_at"] is None:
-            raise ApiError(ErrorCode.TOKEN_EXPIRED, "refresh token expired")
         if not claimed:
             # Reuse of a consumed token: it leaked (or the client raced itself). Kill the family;
             # committed before the error is raised below.
