@@ -33,8 +33,8 @@ from shared.blobs import BlobStore
 from shared.blobs.local import LocalBlobStore
 from shared.blobs.s3 import PART_SIZE, S3BlobStore
 from shared.config import Settings
-from shared.errors import BackendUnavailable, BlobNotFound, BlobTooLarge
-from shared.services import Services
+from shared.errors import BackendUnavailable, BlobError, BlobNotFound, BlobTooLarge
+from shared.services import Services, make_blobs
 from tests.fixtures.s3 import S3_CREDENTIALS, S3_REGION
 
 # api/envelope.py stores the request id under a str key, which aiohttp 3.14 warns about (and
@@ -528,3 +528,43 @@ async def test_s3_open_existing_bucket_and_ping_after_bucket_gone(s3_endpoint: s
     finally:
         await first.close()
         await second.close()
+
+
+async def test_services_pick_the_store_from_settings(
+    make_settings: Callable[..., Settings], s3_endpoint: str, s3_bucket: str
+) -> None:
+    """``open_services`` builds the stores with the calls in shared/services.py."""
+    local = await make_blobs(make_settings(blob_signing_key="k" * 32, public_url="https://sb.example/"))
+    assert isinstance(local, LocalBlobStore)
+    assert (await local.download_url("x", 60)).startswith("https://sb.example/blobs/x?")
+    s3 = await make_blobs(
+        make_settings(
+            s3_endpoint=s3_endpoint,
+            s3_bucket=s3_bucket,
+            s3_access_key_id=S3_CREDENTIALS["access_key_id"],
+            s3_secret_access_key=S3_CREDENTIALS["secret_access_key"],
+        )
+    )
+    try:
+        assert isinstance(s3, S3BlobStore)
+        await s3.put("via/settings", b"ok")
+        assert await s3.get("via/settings") == b"ok"
+    finally:
+        await s3.close()
+
+
+@local_only
+async def test_local_file_directory_collisions_are_blob_errors(env: Env, only_local: LocalBlobStore) -> None:
+    # S3 has no directories; on disk "a" cannot be both an object and a prefix.
+    await only_local.put("a", b"file")
+    with pytest.raises(BlobError):
+        await only_local.put("a/b", b"x")
+    await only_local.put("dir/x", b"x")
+    with pytest.raises(BlobError):
+        await only_local.put("dir", b"y")
+    assert await only_local.head("dir") is None
+    with pytest.raises(BlobNotFound):
+        await only_local.get("dir")
+    await only_local.delete("dir")
+    assert await only_local.get("dir/x") == b"x"
+    assert await leftovers(env) == []
