@@ -71,9 +71,10 @@ class RedisBroker:
             url, socket_timeout=COMMAND_TIMEOUT_S, retry=Retry(NoBackoff(), 1), **common
         )
         # The reader's connection: no socket timeout (it idles between messages), no retry (the
-        # reader task is the only reconnect path, see the module docstring).
+        # reader task is the only reconnect path, see the module docstring). Named, so CLIENT LIST
+        # shows which pub/sub connection belongs to which deployment.
         self._sub_client: Any = _client_class(cluster).from_url(
-            url, retry=Retry(NoBackoff(), 0), **common
+            url, retry=Retry(NoBackoff(), 0), client_name=subscriber_name(prefix), **common
         )
         self._publish: Callable[[bytes, bytes], Awaitable[int]] = (
             self._client.spublish if cluster else self._client.publish
@@ -288,6 +289,13 @@ class RedisBroker:
                 if not confirmed.done():
                     confirmed.set_exception(BackendUnavailable("redis connection lost"))
         self._confirms.clear()
+
+
+def subscriber_name(prefix: str) -> str:
+    """CLIENT SETNAME of the pub/sub connection: the prefix, spaces and controls replaced."""
+    return "switchboard-broker:" + "".join(
+        c if c.isprintable() and c != " " else "_" for c in prefix
+    )
 
 
 def _client_class(cluster: bool) -> Any:
