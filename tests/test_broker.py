@@ -147,6 +147,15 @@ async def test_per_channel_order_with_thousands_of_messages(
     assert rec.on("b") == expected_b
 
 
+async def test_a_burst_of_concurrent_publishes_all_arrive(started: tuple[Broker, Recorder]) -> None:
+    broker, rec = started
+    await broker.subscribe("a")
+    n = 500  # more than the publish connection pool holds: callers wait, none fails
+    await asyncio.gather(*(broker.publish("a", str(i).encode()) for i in range(n)))
+    await wait_for(lambda: len(rec.got) == n)
+    assert sorted(int(data) for data in rec.on("a")) == list(range(n))
+
+
 async def test_binary_payloads_arrive_byte_for_byte(started: tuple[Broker, Recorder]) -> None:
     broker, rec = started
     channel = "bin/ärger:\u2603"  # channel names are text, any text

@@ -28,7 +28,7 @@ import random
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -45,7 +45,10 @@ CONFIRM_TIMEOUT_S = 5.0  # SUBSCRIBE sent -> confirmation read by the reader tas
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
 CLUSTER_POLL_S = 0.1  # the cluster reader polls the per-node connections round-robin
-NAME_CACHE_MAX = 10_000  # encoded channel names kept so a hot publish allocates nothing
+NAME_CACHE_MAX = 10_000
+# Publish connections per process. A burst larger than this waits for a free connection (up to
+# COMMAND_TIMEOUT_S) instead of failing: redis-py's default pool raises "Too many connections".
+POOL_SIZE = 64  # encoded channel names kept so a hot publish allocates nothing
 
 
 @contextlib.contextmanager
@@ -67,9 +70,19 @@ class RedisBroker:
         }
         # One retry: after a Redis restart the pooled connection is dead, the second attempt on a
         # fresh one succeeds; when Redis is really down publish fails fast.
-        self._client: Any = _client_class(cluster).from_url(
-            url, socket_timeout=COMMAND_TIMEOUT_S, retry=Retry(NoBackoff(), 1), **common
-        )
+        publish_kwargs: dict[str, Any] = {
+            "socket_timeout": COMMAND_TIMEOUT_S,
+            "retry": Retry(NoBackoff(), 1),
+            **common,
+        }
+        if cluster:  # RedisCluster keeps a pool per node
+            self._client: Any = _client_class(cluster).from_url(url, **publish_kwargs)
+        else:
+            self._client = Redis.from_pool(
+                BlockingConnectionPool.from_url(
+                    url, max_connections=POOL_SIZE, timeout=COMMAND_TIMEOUT_S, **publish_kwargs
+                )
+            )
         # The reader's connection: no socket timeout (it idles between messages), no retry (the
         # reader task is the only reconnect path, see the module docstring). Named, so CLIENT LIST
         # shows which pub/sub connection belongs to which deployment.

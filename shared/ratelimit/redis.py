@@ -3,7 +3,8 @@
 The script reads the TAT, decides and writes it back atomically (concurrent hits cannot both see
 the old value), and takes "now" from Redis ``TIME``, so nodes with skewed clocks still share one
 budget. The key expires when its bucket is full again, so idle keys vanish by themselves. The
-arithmetic is ``shared.ratelimit.memory.gcra`` line for line; see that module for the algorithm.
+arithmetic is ``shared.ratelimit.memory.gcra`` line for line; see that module for the algorithm
+and for why the TAT is stored as two numbers.
 
 The script runs with EVALSHA; redis-py's ``AsyncScript`` loads it again when Redis answers
 NOSCRIPT (after a restart or ``SCRIPT FLUSH``). Every redis-py error becomes ``BackendUnavailable``.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -24,9 +25,13 @@ from shared.ratelimit.memory import EPSILON, decision
 
 CONNECT_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 5.0
+# Connections per process. A burst larger than this waits for a free connection (up to
+# COMMAND_TIMEOUT_S) instead of failing: redis-py's default pool raises "Too many connections".
+POOL_SIZE = 64
 
-# KEYS[1] bucket; ARGV: interval_us, capacity, cost, commit ("1" hit, "0" peek).
-# Returns {allowed 0|1, tat_us (ceil), remaining, retry_us (ceil)}: integers, because Redis
+# KEYS[1] bucket, stored as "<stamp us> <ahead us>" (see shared.ratelimit.memory for why two
+# numbers); ARGV: interval_us, capacity, cost, commit ("1" hit, "0" peek), epsilon.
+# Returns {allowed 0|1, full_us (ceil), remaining, retry_us (ceil)}: integers, because Redis
 # truncates Lua numbers to integers on the way out.
 GCRA_LUA = """
 redis.replicate_commands()
@@ -37,28 +42,36 @@ local capacity = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local eps = tonumber(ARGV[5])
 local tau = interval * capacity
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local pushed = tat + interval * cost
-local allowed = pushed - now <= tau + interval * eps
+local ahead = 0
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local stamp, was_ahead = string.match(stored, '^(%S+) (%S+)$')
+  ahead = tonumber(was_ahead) - (now - tonumber(stamp))
+  if ahead < 0 then ahead = 0 end
+end
+local pushed = ahead + interval * cost
+local allowed = pushed <= tau + interval * eps
 if allowed and ARGV[4] == '1' then
-  tat = pushed
-  redis.call('SET', KEYS[1], string.format('%.17g', tat), 'PX', math.ceil((tat - now) / 1000))
+  ahead = pushed
+  redis.call('SET', KEYS[1], string.format('%.17g %.17g', now, ahead),
+             'PX', math.ceil(ahead / 1000))
 end
 local retry = 0
-if not allowed then retry = pushed - tau - now end
-local remaining = math.floor((now + tau - tat) / interval + eps)
+if not allowed then retry = pushed - tau end
+local remaining = math.floor((tau - ahead) / interval + eps)
 if remaining < 0 then remaining = 0 end
 if remaining > capacity then remaining = capacity end
-return {allowed and 1 or 0, math.ceil(tat), remaining, math.ceil(retry)}
+return {allowed and 1 or 0, math.ceil(now + ahead), remaining, math.ceil(retry)}
 """
 
 
 class RedisRateLimiter:
     def __init__(self, url: str, *, prefix: str = "sb:") -> None:
         self._prefix = prefix + "rl:"
-        self._client: Redis = Redis.from_url(
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_SIZE,
+            timeout=COMMAND_TIMEOUT_S,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=COMMAND_TIMEOUT_S,
             socket_keepalive=True,
@@ -66,6 +79,7 @@ class RedisRateLimiter:
             # limiter in front of every request must not stall on a Redis that is really down.
             retry=Retry(NoBackoff(), 1),
         )
+        self._client: Redis = Redis.from_pool(pool)
         self._script = self._client.register_script(GCRA_LUA)
         self._eps = repr(EPSILON)
 
@@ -78,8 +92,8 @@ class RedisRateLimiter:
             reply: Any = await self._script(keys=[self._prefix + key], args=args)
         except (RedisError, OSError) as exc:
             raise BackendUnavailable(f"redis rate limit failed: {exc.__class__.__name__}") from exc
-        allowed, tat_us, remaining, retry_us = reply
-        return decision(limit, allowed == 1, tat_us, remaining, retry_us)
+        allowed, full_us, remaining, retry_us = reply
+        return decision(limit, allowed == 1, full_us, remaining, retry_us)
 
     async def hit(self, key: str, limit: Limit, cost: int = 1) -> Decision:
         return await self._run(key, limit, cost, True)
