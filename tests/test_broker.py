@@ -10,6 +10,7 @@ started, a dropped pub/sub connection and an unreachable server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -372,6 +373,29 @@ async def test_subscriber_name_is_a_valid_client_name() -> None:
     assert subscriber_name("my app\n:") == "switchboard-broker:my_app_:"
 
 
+async def test_survives_a_redis_restart(private_redis: RedisServer) -> None:
+    broker, rec = RedisBroker(private_redis.url, prefix="sbt:restart:"), Recorder()
+    try:
+        await broker.start(rec)
+        await broker.subscribe("a")
+        await broker.publish("a", b"before")
+        await rec.until("a", b"before")
+
+        await private_redis.stop()
+        with pytest.raises(BackendUnavailable):
+            await broker.publish("a", b"lost")
+        with pytest.raises(BackendUnavailable):
+            await broker.ping()
+
+        await private_redis.start()
+        await publish_until_delivered(broker, rec, "a")  # the reader reconnected by itself
+        await broker.publish("a", b"after")
+        await rec.until("a", b"after")
+        await broker.ping()
+    finally:
+        await broker.close()
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 
@@ -390,6 +414,64 @@ async def wait_for_channels(client: Any, prefix: str, expected: set[str]) -> Non
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"subscribed channels never became {expected}: {names}")
+
+
+async def publish_until_delivered(broker: Broker, rec: Recorder, channel: str) -> None:
+    """Publish probes until one arrives (the subscriber may still be reconnecting)."""
+    for i in range(1000):
+        probe = f"probe-{i}".encode()
+        with contextlib.suppress(BackendUnavailable):
+            await broker.publish(channel, probe)
+        for _ in range(5):
+            if (channel, probe) in rec.got:
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError("no probe was delivered")
+
+
+class RedisServer:
+    """A private redis-server on a free port, which a test may stop and start again."""
+
+    def __init__(self) -> None:
+        self.port = closed_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        client = aioredis.from_url(self.url)
+        try:
+            for _ in range(500):
+                with contextlib.suppress(OSError, aioredis.ConnectionError):
+                    await client.ping()
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("redis-server did not start")
+        finally:
+            await client.aclose()
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[RedisServer]:
+    server = RedisServer()
+    try:
+        await server.start()
+    except FileNotFoundError:
+        pytest.fail("redis-server is required on PATH (the restart tests run their own)")
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 def closed_port() -> int:

@@ -22,6 +22,7 @@ from shared.errors import BackendUnavailable, RateLimited
 from shared.ratelimit import Decision, Limit, RateLimiter
 from shared.ratelimit.memory import MemoryRateLimiter, gcra
 from shared.ratelimit.redis import RedisRateLimiter
+from tests.test_broker import RedisServer
 
 LimiterFactory = Callable[[], RateLimiter]
 
@@ -319,6 +320,23 @@ async def test_redis_unreachable_is_backend_unavailable() -> None:
             await limiter.reset("k")
     finally:
         await limiter.close()
+
+
+async def test_redis_limiter_survives_a_redis_restart() -> None:
+    server = RedisServer()
+    await server.start()
+    limiter = RedisRateLimiter(server.url, prefix="sbt:restart:")
+    limit = Limit(3, 60)
+    try:
+        assert (await limiter.hit("k", limit)).remaining == 2
+        await server.stop()
+        with pytest.raises(BackendUnavailable):
+            await limiter.hit("k", limit)
+        await server.start()  # empty again: no key, and no cached script (NOSCRIPT)
+        assert (await limiter.hit("k", limit)).remaining == 2
+    finally:
+        await limiter.close()
+        await server.stop()
 
 
 # -- memory only -------------------------------------------------------------------------------
