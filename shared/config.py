@@ -165,7 +165,7 @@ def setting_fields() -> list[dataclasses.Field[Any]]:
 
 
 def _coerce(f: dataclasses.Field[Any], raw: Any) -> Any:
-    kind = type(f.default)
+    kind: type = type(f.default)  # every Settings field has a plain default
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
         return raw
     text = str(raw).strip()
