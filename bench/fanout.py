@@ -281,7 +281,7 @@ FIGURES: dict[str, list[tuple[str, Callable[[dict[str, Any]], float | None]]]] =
         ("B p50 ms", lambda r: r.get("p50_ms")),
         ("B p99 ms", lambda r: r.get("p99_ms")),
         ("B max ms", lambda r: r.get("max_ms")),
-        ("B deliveries/s", lambda r: r["deliveries_per_s"]),
+        ("B deliveries/s (sampled)", lambda r: r.get("sampled_rate_per_s")),
         ("B load CPU %", lambda r: r["load_cpu_pct"]),
     ],
     "C": [
