@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import cast
 
 from relay.connection import WsConnection
 from relay.httphead import HeadError, RequestHead, find_head_end, parse_head
@@ -52,8 +53,8 @@ class HeadReader(asyncio.Protocol):
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self._transport = transport = cast(asyncio.Transport, transport)
         state = self._state
         if state.draining:
             self._refuse(ErrorCode.SERVICE_UNAVAILABLE, "server is draining", headers={"Retry-After": "1"})
