@@ -70,7 +70,8 @@ def _envelope(body: bytes) -> dict[str, Any]:
     data = json.loads(body)
     assert data["success"] is False
     assert set(data) == {"success", "error", "meta"}
-    return data["error"]
+    error: dict[str, Any] = data["error"]
+    return error
 
 
 async def test_json_endpoint_and_404_envelope(server: Any) -> None:
@@ -217,11 +218,12 @@ async def test_close_drains_keep_alive_connections_and_stops_listening(server_fa
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])

@@ -76,7 +76,8 @@ def url(server: Any, path: str = "/ws", scheme: str = "ws") -> str:
 
 
 async def recv_json(ws: Any) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+    return message
 
 
 # -- raw WebSocket by hand -----------------------------------------------------------------------
