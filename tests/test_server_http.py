@@ -7,6 +7,7 @@ one byte per segment, heads too large or never finished.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import datetime
@@ -22,6 +23,7 @@ from aiohttp import web
 from api.keys import SERVICES
 from api.middleware import envelope_middleware
 from api.routes import ops
+from relay.httphead import HeadError, find_head_end, parse_head
 from shared.services import Services
 from tests.fixtures.server import read_response
 
@@ -272,3 +274,63 @@ async def test_hand_off_over_tls(server_factory: Any, make_settings: Any, tls_fi
         data = b""
     assert b"200 OK" not in data
     await _shut(writer)
+
+
+# -- the Sans-I/O head parser (no loop) ----------------------------------------------------------
+
+HEAD = b"GET /ws?token=a%2Bb&device_id=d1 HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nX-Two: 1\r\nx-two: 2\r\n\r\n"
+
+
+def test_head_end_found_whole_byte_by_byte_and_with_trailing_data() -> None:
+    assert find_head_end(HEAD) == len(HEAD)
+    assert find_head_end(HEAD + b"trailing body") == len(HEAD)
+    buffer, searched, end = bytearray(), 0, -1
+    for i in range(len(HEAD)):
+        buffer += HEAD[i : i + 1]
+        end = find_head_end(buffer, searched)
+        if end >= 0:
+            break
+        searched = len(buffer)
+    assert end == len(HEAD)
+
+
+def test_parse_head_routes_only_websocket_upgrades_on_ws_paths() -> None:
+    head = parse_head(HEAD)
+    assert (head.method, head.path, head.version) == ("GET", "/ws", "HTTP/1.1")
+    assert head.query_param("token") == "a+b" and head.query_param("device_id") == "d1"
+    assert head.header("X-TWO") == "1"  # first value, case-insensitive
+    assert head.wants_relay
+    assert parse_head(HEAD.replace(b"/ws?", b"/ws/relay/b1?")).wants_relay
+    assert not parse_head(HEAD.replace(b"/ws?", b"/wsx?")).wants_relay
+    assert not parse_head(HEAD.replace(b"GET", b"POST")).wants_relay
+    assert not parse_head(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").wants_relay
+    assert parse_head(b"\r\nGET / HTTP/1.0\r\n\r\n").method == "GET"  # leading empty line ignored
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"GET /\r\n\r\n", b"GET / HTTP/2.0\r\n\r\n", b"G(T / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nNoColon\r\n\r\n",
+     b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", b"GET /\xff HTTP/1.1\r\n\r\n"],
+)
+def test_parse_head_rejects_malformed_heads(bad: bytes) -> None:
+    with pytest.raises(HeadError):
+        parse_head(bad)
+
+
+@pytest.mark.parametrize("module", ["relay/httphead.py", "relay/protocol.py"])
+def test_sans_io_modules_import_no_event_loop(module: str) -> None:
+    tree = ast.parse((Path(__file__).parent.parent / module).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"asyncio", "uvloop", "socket", "redis", "aiohttp"}
+
+
+def test_relay_exports() -> None:
+    import relay
+
+    assert set(relay.__all__) == {"RunningServer", "serve", "start_server"}
+    assert all(getattr(relay, name) is not None for name in relay.__all__)
