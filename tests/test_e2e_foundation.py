@@ -40,6 +40,8 @@ async def _outbox_token(settings: Settings, to: str, timeout: float = 10.0) -> s
                 body = msg.get_payload(decode=True) if not msg.is_multipart() else msg.get_payload(0).get_payload(decode=True)
                 match = TOKEN_IN_LINK.search(body.decode())
                 if match:
+                    # A person greps the raw file (README walk): the link must be there verbatim.
+                    assert f"token={match.group(1)}".encode() in path.read_bytes()
                     return match.group(1)
         await asyncio.sleep(0.05)
     raise AssertionError(f"no email to {to} in {outbox}")

@@ -77,7 +77,10 @@ def build_message(row: OutboxRow, mail_from: str) -> EmailMessage:
     msg["Date"] = format_datetime(datetime.now(UTC))
     domain = parseaddr(mail_from)[1].rpartition("@")[2] or "localhost"
     msg["Message-ID"] = make_msgid(idstring=row.id, domain=domain)
-    msg.set_content(row.body_text)
+    # 7bit/8bit rather than quoted-printable: a QP body turns `token=` into `token=3D` and may
+    # fold a long link, so a person (or grep) reading the .eml would copy a broken token.
+    ascii_only = row.body_text.isascii()
+    msg.set_content(row.body_text, cte="7bit" if ascii_only else "8bit")
     return msg
 
 
