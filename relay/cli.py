@@ -19,8 +19,10 @@ from types import FrameType
 from typing import Any
 
 from shared.config import ConfigError, Settings, describe_settings, load_settings
+from shared.errors import BackendError
 
 EXIT_CONFIG = 2
+EXIT_STARTUP = 1
 RESTART_MIN_INTERVAL_S = 1.0  # a worker crashing at start must not become a fork loop
 
 
@@ -53,11 +55,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from shared.logs import configure_logging
 
     configure_logging(settings.log_level)
-    if args.command == "migrate":
-        sys.exit(_run(_migrate(settings)))
-    if settings.workers > 1:
+    if settings.workers > 1 and args.command != "migrate":
         sys.exit(supervise(settings))
-    sys.exit(_run(_serve(settings)))
+    try:
+        sys.exit(_run(_migrate(settings) if args.command == "migrate" else _serve(settings)))
+    except (OSError, BackendError) as exc:
+        # A port in use or a backend that cannot be reached is an operator's problem, not a bug:
+        # one clear line, no traceback.
+        print(f"switchboard: cannot start: {exc}", file=sys.stderr)
+        sys.exit(EXIT_STARTUP)
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:

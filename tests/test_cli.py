@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -159,3 +160,20 @@ def _children(pid: int) -> list[int]:
         return [int(p) for p in path.read_text().split()]
     except OSError:
         return []
+
+
+def test_serve_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
+    """An operator mistake (port in use) is one clear line and exit 1, never a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run(["serve"], _env(tmp_path, HOST="127.0.0.1", PORT=str(port)))
+    assert result.returncode == 1, result.stderr
+    assert "cannot start" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_database_says_so_in_one_line(tmp_path: Path) -> None:
+    result = _run(["migrate"], _env(tmp_path, DATABASE_URL="postgresql://postgres@127.0.0.1:1/nothing"))
+    assert result.returncode == 1, result.stderr
+    assert "cannot start" in result.stderr and "Traceback" not in result.stderr
