@@ -97,6 +97,8 @@ class WsConnection(asyncio.Protocol):
         self._send_data()
         self._state.registry.add(self)
         metrics.WS_CONNECTIONS_WS.inc()
+        for hook in self._state.on_open:
+            hook(self)
         self._schedule_heartbeat(self._state.settings.heartbeat_s)
 
     @property

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from relay import refresh
 from relay.protocol import Message, hello_frame, pong_frame
 from relay.registry import ConnectionRegistry
 from shared.config import Settings
@@ -39,6 +40,7 @@ class RelayState:
         "services",
         "registry",
         "handlers",
+        "on_open",
         "on_close",
         "http_factory",
         "draining",
@@ -54,12 +56,14 @@ class RelayState:
         self.services = services
         self.registry: ConnectionRegistry[WsConnection] = ConnectionRegistry()
         self.handlers: dict[str, Handler] = {"ping": _ping}
+        self.on_open: list[Hook] = []  # run in WsConnection.start(), before the first frame
         self.on_close: list[Hook] = []
         self.http_factory = http_factory
         self.draining = False
         self.handshakes: dict[str, int] = {}  # client IP -> unfinished handshakes
         self.pending: set[HeadReader] = set()  # connections whose first request is not routed yet
         self.tasks: set[asyncio.Task[Any]] = set()
+        refresh.install(self)  # credential refresh + expiry (4001) on every socket
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` as a task the state keeps a reference to until it ends."""
