@@ -21,6 +21,8 @@ ROUTE_MODULES: tuple[str, ...] = (
     "api.routes.audit",
     "api.routes.blobs",
     "api.routes.mail",
+    "api.routes.devices",
+    "api.routes.books",
 )
 
 

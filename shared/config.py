@@ -100,6 +100,10 @@ class Settings:
     rate_login_ip: str = _s("RATE_LOGIN_IP", "50/900", "Failed logins per IP.")
     rate_register_ip: str = _s("RATE_REGISTER_IP", "30/3600", "Registrations per IP.")
     rate_forgot_email: str = _s("RATE_FORGOT_EMAIL", "5/3600", "Password-reset emails per address.")
+    # -- E2EE devices and books (Home Pocket) ---------------------------------------------
+    rate_device_register_ip: str = _s("RATE_DEVICE_REGISTER_IP", "100/3600", "E2EE device registrations per IP.")
+    rate_book_create: str = _s("RATE_BOOK_CREATE", "20/3600", "Books created per device.")
+    rate_relay_connect: str = _s("RATE_RELAY_CONNECT", "5/600", "/ws/relay/{book_id} connections per device.")
     # -- realtime -------------------------------------------------------------------------
     heartbeat_s: float = _s("HEARTBEAT_S", 30.0, "Server ping interval; a socket silent for 2x is closed.")
     handshake_timeout_s: float = _s("HANDSHAKE_TIMEOUT_S", 10.0, "Time allowed to finish the HTTP/WebSocket handshake.")
