@@ -68,7 +68,7 @@ async def main(port: int) -> None:
             rate_ws_connect="1000000/1",  # one connection per case, ~500 cases from one principal
             heartbeat_s=3600.0,  # no server pings in the middle of a case
         )
-        setattr(handoff, "WsConnection", EchoConnection)  # the class HeadReader instantiates
+        handoff.WsConnection = EchoConnection  # type: ignore[attr-defined,misc]  # what HeadReader builds
         server = await start_server(settings, authenticator=any_token)
         logging.getLogger("switchboard").info("autobahn echo server on ws://127.0.0.1:%d/ws", server.port)
         print(f"listening on {server.port}", flush=True)
