@@ -40,6 +40,10 @@ log = logging.getLogger("switchboard.relay")
 # Time the peer gets to answer our close frame before the TCP connection is aborted. websockets
 # uses 10 s; ours is shorter because SIGTERM drain must finish within SHUTDOWN_TIMEOUT_S.
 CLOSE_TIMEOUT_S = 3.0
+# A slow consumer's buffer is full, so its close frame may never leave: wait this long for the
+# buffer to drain (the peer then sees 4008), then abort. Short, because the buffer holds up to
+# WS_OUTBOUND_LIMIT_BYTES of memory for that whole time.
+SLOW_CLOSE_TIMEOUT_S = 1.0
 _DATA_OPCODES = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
 
 
@@ -94,6 +98,10 @@ class WsConnection(asyncio.Protocol):
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         """Called once the transport is ours and the 101 is in ``data_to_send``."""
+        # High-water mark at the outbound bound: asyncio calls pause_writing when a peer falls that
+        # far behind, which is also where the slow-consumer check closes it.
+        limit = self._state.settings.ws_outbound_limit_bytes
+        self.transport.set_write_buffer_limits(high=limit, low=limit // 4)
         self._send_data()
         self._state.registry.add(self)
         metrics.WS_CONNECTIONS_WS.inc()
@@ -124,8 +132,9 @@ class WsConnection(asyncio.Protocol):
         return None  # let asyncio close the transport
 
     def pause_writing(self) -> None:
-        # Nothing to stop: outbound frames come from dispatch, and the slow-consumer check below
-        # bounds what a socket may hold in its write buffer.
+        # Nothing to stop, on purpose: outbound frames come from dispatch and from the hub's
+        # synchronous broadcast, which must never wait for one socket. The slow-consumer check
+        # after each write bounds what a socket may hold instead.
         pass
 
     def resume_writing(self) -> None:
@@ -221,9 +230,19 @@ class WsConnection(asyncio.Protocol):
             self.protocol.send_text(payload)
         self._send_data()
         if self.transport.get_write_buffer_size() > self._state.settings.ws_outbound_limit_bytes:
-            # The peer reads slower than we write: disconnect it rather than buffer without bound;
-            # it resumes from its cursor (realtime.md guarantee 3).
-            self.fail(CloseCode.SLOW_CONSUMER)
+            self.slow_consumer()
+
+    def slow_consumer(self) -> None:
+        """The peer reads slower than we write: disconnect it rather than buffer without bound; it
+        resumes from its cursor (realtime.md guarantee 3). Its buffer is full, so the close frame
+        may never leave: the transport is aborted after ``SLOW_CLOSE_TIMEOUT_S``."""
+        if not self.open:
+            return
+        metrics.SLOW_CLOSES_WS.inc()
+        self.fail(CloseCode.SLOW_CONSUMER)
+        if self._close_deadline is not None:
+            self._close_deadline.cancel()
+        self._close_deadline = self._loop.call_later(SLOW_CLOSE_TIMEOUT_S, self.transport.abort)
 
     def close(self, code: CloseCode, reason: str | None = None) -> None:
         """Start the closing handshake (no-op unless OPEN)."""

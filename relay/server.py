@@ -84,6 +84,7 @@ class RunningServer:
         for task in list(state.tasks):
             task.cancel()
         try:
+            await state.hub.close()
             await self.runner.cleanup()
         finally:
             await self.services.close()
@@ -122,6 +123,12 @@ async def start_server(
     state = RelayState(settings, services, http_server)
     services.extras["relay.state"] = state
     loop = asyncio.get_running_loop()
+    try:
+        await state.hub.start()
+    except BaseException:
+        await runner.cleanup()
+        await services.close()
+        raise
     context = tls_context(settings)
     try:
         server = await loop.create_server(

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from relay import refresh
+from relay.hub import Hub
 from relay.protocol import Message, hello_frame, pong_frame
 from relay.registry import ConnectionRegistry
 from shared.config import Settings
@@ -47,6 +48,7 @@ class RelayState:
         "handshakes",
         "pending",
         "tasks",
+        "hub",
     )
 
     def __init__(
@@ -64,6 +66,9 @@ class RelayState:
         self.pending: set[HeadReader] = set()  # connections whose first request is not routed yet
         self.tasks: set[asyncio.Task[Any]] = set()
         refresh.install(self)  # credential refresh + expiry (4001) on every socket
+        # Channel membership and fan-out; a socket leaves every channel when it goes.
+        self.hub = Hub(services.broker, outbound_limit=settings.ws_outbound_limit_bytes)
+        self.on_close.append(self.hub.unsubscribe_all)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` as a task the state keeps a reference to until it ends."""

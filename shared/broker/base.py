@@ -10,6 +10,13 @@ channel already subscribed is a no-op, and one ``unsubscribe`` drops it.
 
 ``publish`` delivers to every subscribed node, including the publishing one (the hub does not
 short-circuit local delivery, so ordering is the broker's order for everyone).
+
+``publish_sequenced`` numbers messages with a counter the broker keeps (under its prefix): taking
+the next value and publishing happen as ONE atomic step (Redis: one Lua script), so the order of a
+channel's messages is their seq order on every node, whichever node published them. The seq
+travels inside the published bytes: ``data`` followed by the seq as one MessagePack integer, so a
+caller that sends ``data`` as the first items of a MessagePack array (with the header counting the
+seq) receives a complete array (the hub does exactly that).
 """
 
 from __future__ import annotations
@@ -27,6 +34,14 @@ class Broker(Protocol):
 
     async def publish(self, channel: str, data: bytes) -> None:
         """Send ``data`` to every node subscribed to ``channel``. Raises ``BackendUnavailable``."""
+        ...
+
+    async def publish_sequenced(self, counter_key: str, channel: str, data: bytes) -> int:
+        """Take the next value of ``counter_key`` and publish ``data + msgpack(seq)``; the seq."""
+        ...
+
+    async def sequence_head(self, counter_key: str) -> int:
+        """The last value ``publish_sequenced`` took from ``counter_key`` (0 if none)."""
         ...
 
     async def subscribe(self, channel: str) -> None: ...

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+import msgpack
+
 from shared.broker.base import Broker, MessageHandler
 from shared.errors import BackendUnavailable
 
@@ -17,12 +19,13 @@ log = logging.getLogger("switchboard.broker")
 
 
 class MemoryBroker:
-    __slots__ = ("_channels", "_closed", "_handler")
+    __slots__ = ("_channels", "_closed", "_counters", "_handler")
 
     def __init__(self) -> None:
         self._channels: set[str] = set()
         self._handler: MessageHandler | None = None
         self._closed = False
+        self._counters: dict[str, int] = {}
 
     async def start(self, handler: MessageHandler) -> None:
         self._handler = handler
@@ -39,6 +42,17 @@ class MemoryBroker:
             # The publisher is not the subscriber: a failing handler is the hub's bug, and must not
             # surface as a publish error (Redis would not report it either).
             log.exception("broker handler failed")
+
+    async def publish_sequenced(self, counter_key: str, channel: str, data: bytes) -> int:
+        if self._closed:
+            raise BackendUnavailable("broker is closed")
+        # No await between the increment and the delivery: one process, so that is atomic.
+        seq = self._counters[counter_key] = self._counters.get(counter_key, 0) + 1
+        await self.publish(channel, data + msgpack.packb(seq))
+        return seq
+
+    async def sequence_head(self, counter_key: str) -> int:
+        return self._counters.get(counter_key, 0)
 
     async def subscribe(self, channel: str) -> None:
         self._channels.add(channel)

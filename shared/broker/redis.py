@@ -60,6 +60,16 @@ def map_redis_errors(action: str) -> Iterator[None]:
         raise BackendUnavailable(f"redis {action} failed: {exc.__class__.__name__}") from exc
 
 
+# KEYS[1] counter; ARGV[1] channel, ARGV[2] body, ARGV[3] PUBLISH|SPUBLISH. Returns the seq.
+# The seq is appended to the body as one MessagePack integer (the Broker contract in base.py);
+# Redis ships cmsgpack in its Lua environment.
+SEQUENCED_PUBLISH = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call(ARGV[3], ARGV[1], ARGV[2] .. cmsgpack.pack(seq))
+return seq
+"""
+
+
 class RedisBroker:
     def __init__(self, url: str, *, prefix: str = "sb:", cluster: bool = False) -> None:
         self._prefix = prefix.encode()
@@ -92,6 +102,7 @@ class RedisBroker:
         self._publish: Callable[[bytes, bytes], Awaitable[int]] = (
             self._client.spublish if cluster else self._client.publish
         )
+        self._sequenced = self._client.register_script(SEQUENCED_PUBLISH)
         self._names: dict[str, bytes] = {}  # channel -> prefixed, encoded name (bounded cache)
         self._subs: dict[bytes, str] = {}  # prefixed name -> channel, for every wanted channel
         self._live: set[bytes] = set()  # the wanted names Redis confirmed on this connection
@@ -118,6 +129,29 @@ class RedisBroker:
             await self._publish(self._name(channel), data)
         except (RedisError, OSError) as exc:
             raise BackendUnavailable(f"redis publish failed: {exc.__class__.__name__}") from exc
+
+    async def publish_sequenced(self, counter_key: str, channel: str, data: bytes) -> int:
+        # INCR and PUBLISH in one script: Redis runs it atomically, so the channel carries the
+        # messages in seq order whichever node published them. On a Redis Cluster the counter key
+        # and the channel would have to share a hash slot; that path is untested (no cluster here).
+        if self._closed:
+            raise BackendUnavailable("broker is closed")
+        try:
+            seq = await self._sequenced(
+                keys=[self._counter(counter_key)],
+                args=[self._name(channel), data, b"SPUBLISH" if self._cluster else b"PUBLISH"],
+            )
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"redis publish failed: {exc.__class__.__name__}") from exc
+        return int(seq)
+
+    async def sequence_head(self, counter_key: str) -> int:
+        with map_redis_errors("get"):
+            value = await self._client.get(self._counter(counter_key))
+        return int(value or 0)
+
+    def _counter(self, counter_key: str) -> bytes:
+        return self._prefix + b"seq:" + counter_key.encode()
 
     async def ping(self) -> None:
         with map_redis_errors("ping"):

@@ -1,0 +1,272 @@
+"""The hub: which local sockets listen on which channel, and the broadcast that feeds them.
+
+Channels are spread over shards by a stable hash (centrifuge's hub.go): one hot book never walks
+unrelated sockets, dict resizes stay small, and the layout maps onto several worker processes.
+
+A broadcast is decoded once per node and encoded once per wire format actually used by the
+channel's members; the same frame bytes are then written to every member's transport. Server
+frames are unmasked and no extension is negotiated, so one prebuilt frame is valid for everyone
+(STYLE.md 8). Nothing awaits per recipient: a member whose write buffer passes the outbound bound
+is closed with 4008 (slow consumer) and never slows the others (realtime.md guarantee 3).
+
+Broker envelope: ``msgpack([message, exclude_device, seq])``. A sequenced publish sends the array
+header and the first two items; the broker appends ``seq`` (one MessagePack integer) atomically
+with its counter, so every node sees a channel's messages in seq order (shared/broker/base.py).
+
+Broker subscriptions follow local membership: subscribe on the first local member (``subscribe``
+returns once the broker confirmed it), unsubscribe when the last leaves. One reconciling task per
+channel at a time issues those calls, so a leave racing a join can never end unsubscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import zlib
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+from msgpack import packb as _packb
+from websockets.protocol import OPEN
+
+from shared.broker import Broker
+
+if TYPE_CHECKING:
+    from relay.connection import WsConnection
+
+log = logging.getLogger("switchboard.hub")
+
+Message = dict[str, Any]
+
+
+def _json_default(value: Any) -> Any:
+    # bytes values (ciphertext payloads) travel as standard base64 in JSON, raw bytes in msgpack.
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def frame_bytes(payload: bytes, *, binary: bool) -> bytes:
+    """One complete unmasked server frame (FIN set), RFC 6455 section 5.2."""
+    first = 0x82 if binary else 0x81
+    n = len(payload)
+    if n < 126:
+        header = bytes((first, n))
+    elif n < 65536:
+        header = bytes((first, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((first, 127)) + n.to_bytes(8, "big")
+    return header + payload
+
+
+def encode_frame(message: Message, *, binary: bool) -> bytes:
+    if binary:
+        packed: bytes = msgpack.packb(message, use_bin_type=True)
+        return frame_bytes(packed, binary=True)
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    return frame_bytes(text.encode(), binary=False)
+
+
+_SEQUENCED_HEAD = b"\x93"  # MessagePack fixarray of 3: message, exclude_device, seq
+
+
+def pack_envelope(message: Message, exclude_device: str | None, *, sequenced: bool) -> bytes:
+    """The broker bytes; ``sequenced`` leaves the third item (seq) for the broker to append."""
+    if sequenced:
+        return b"".join(
+            (_SEQUENCED_HEAD, _packb(message, use_bin_type=True), _packb(exclude_device))
+        )
+    return _packb([message, exclude_device, None], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack_envelope(data: bytes) -> tuple[Message, str | None, int | None]:
+    message, exclude, seq = msgpack.unpackb(data, raw=False)
+    return message, exclude, seq
+
+
+class Hub:
+    __slots__ = (
+        "broker",
+        "outbound_limit",
+        "_shards",
+        "_channels_of",
+        "_asked",
+        "_confirmed",
+        "_syncing",
+        "_closed",
+    )
+
+    def __init__(self, broker: Broker, *, outbound_limit: int = 1 << 20, shards: int = 64) -> None:
+        self.broker = broker
+        self.outbound_limit = outbound_limit
+        # channel -> members; a dict keeps insertion order and O(1) removal.
+        self._shards: list[dict[str, dict[WsConnection, None]]] = [{} for _ in range(shards)]
+        self._channels_of: dict[WsConnection, set[str]] = {}  # for unsubscribe_all
+        self._asked: set[str] = set()  # channels the broker was asked to subscribe (and not since dropped)
+        self._confirmed: set[str] = set()  # ... of which the broker confirmed the subscription
+        self._syncing: dict[str, asyncio.Task[None]] = {}  # channel -> its reconciling task
+        self._closed = False
+
+    async def start(self) -> None:
+        await self.broker.start(self.on_broker_message)
+
+    def _shard(self, channel: str) -> dict[str, dict[WsConnection, None]]:
+        # crc32, not hash(): stable across processes (PYTHONHASHSEED), like centrifuge's index().
+        return self._shards[zlib.crc32(channel.encode()) % len(self._shards)]
+
+    # -- membership ---------------------------------------------------------------------------
+    async def subscribe(self, conn: WsConnection, channel: str) -> None:
+        """Add ``conn`` to ``channel``; returns once the broker confirmed the node's subscription,
+        so nothing published afterwards is missed. Raises ``BackendUnavailable`` (the caller then
+        unsubscribes ``conn``; the broker keeps the channel wanted until then)."""
+        # Prebuilt frames skip the websockets protocol object: valid only without extensions.
+        assert not conn.protocol.extensions, "hub broadcast needs connections without extensions"
+        shard = self._shard(channel)
+        members = shard.get(channel)
+        if members is None:
+            members = shard[channel] = {}
+        members[conn] = None
+        self._channels_of.setdefault(conn, set()).add(channel)
+        if channel in self._confirmed and channel not in self._syncing:
+            return
+        # shield: a cancelled joiner must not cancel the subscription other joiners wait for.
+        await asyncio.shield(self._sync(channel))
+
+    def unsubscribe(self, conn: WsConnection, channel: str) -> None:
+        """Remove ``conn`` (a no-op for a non-member); the broker unsubscribe runs in the background."""
+        shard = self._shard(channel)
+        members = shard.get(channel)
+        if members is None or conn not in members:
+            return
+        del members[conn]
+        channels = self._channels_of.get(conn)
+        if channels is not None:
+            channels.discard(channel)
+            if not channels:
+                del self._channels_of[conn]
+        if not members:
+            del shard[channel]
+            if not self._closed:
+                _ = self._sync(channel)  # runs in the background
+
+    def unsubscribe_all(self, conn: WsConnection) -> None:
+        for channel in list(self._channels_of.get(conn, ())):
+            self.unsubscribe(conn, channel)
+
+    def local_members(self, channel: str) -> Collection[WsConnection]:
+        return self._shard(channel).get(channel, {}).keys()
+
+    def _sync(self, channel: str) -> asyncio.Task[None]:
+        """The channel's reconciling task (started when none runs)."""
+        task = self._syncing.get(channel)
+        if task is None:
+            task = self._syncing[channel] = asyncio.ensure_future(self._reconcile(channel))
+            task.add_done_callback(self._synced)
+        return task
+
+    async def _reconcile(self, channel: str) -> None:
+        # Loops until the broker state matches the membership: joins and leaves that happen while
+        # a broker call is in flight are picked up by the next round, in order.
+        try:
+            while True:
+                wanted = channel in self._shard(channel)
+                if wanted and channel not in self._confirmed:
+                    self._asked.add(channel)
+                    await self.broker.subscribe(channel)
+                    self._confirmed.add(channel)
+                elif not wanted and channel in self._asked:
+                    self._asked.discard(channel)
+                    self._confirmed.discard(channel)
+                    await self.broker.unsubscribe(channel)
+                else:
+                    return
+        finally:
+            del self._syncing[channel]
+
+    def _synced(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved here too: a leave-only task has nobody awaiting it
+        if exc is not None:
+            log.warning("broker (un)subscribe failed: %s", exc)
+
+    # -- fan-out --------------------------------------------------------------------------------
+    async def publish(
+        self,
+        channel: str,
+        message: Message,
+        *,
+        exclude_device: str | None = None,
+        sequence_key: str | None = None,
+    ) -> int | None:
+        """Send ``message`` to every member of ``channel`` on every node (skipping the sockets of
+        ``exclude_device``). With ``sequence_key`` the broker numbers it atomically with the
+        publish, every node adds ``seq`` to the message, and the seq is returned."""
+        if sequence_key is None:
+            await self.broker.publish(channel, pack_envelope(message, exclude_device, sequenced=False))
+            return None
+        body = pack_envelope(message, exclude_device, sequenced=True)
+        return await self.broker.publish_sequenced(sequence_key, channel, body)
+
+    async def sequence_head(self, sequence_key: str) -> int:
+        """The last seq ``publish`` took from ``sequence_key`` (0 before the first)."""
+        return await self.broker.sequence_head(sequence_key)
+
+    def on_broker_message(self, channel: str, data: bytes) -> None:
+        members = self._shard(channel).get(channel)
+        if not members:
+            return
+        try:
+            message, exclude, seq = unpack_envelope(data)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            log.error("dropped a malformed broker message on %r", channel)
+            return
+        if seq is not None:
+            message["seq"] = seq
+        self.broadcast(members, message, exclude)
+
+    def broadcast(self, members: Collection[WsConnection], message: Message, exclude: str | None = None) -> None:
+        """Write ``message`` to every OPEN member, encoding it at most once per wire format.
+
+        Synchronous, no await, no task per recipient (STYLE.md 7): writes only append to transport
+        buffers. A member past the outbound bound is closed with 4008 after the loop.
+        """
+        text_frame: bytes | None = None
+        binary_frame: bytes | None = None
+        limit = self.outbound_limit
+        slow: list[WsConnection] = []
+        for conn in members:
+            if conn.protocol.state is not OPEN or (exclude is not None and conn.device_id == exclude):
+                continue
+            if conn.codec.binary:
+                if binary_frame is None:
+                    binary_frame = encode_frame(message, binary=True)
+                frame = binary_frame
+            else:
+                if text_frame is None:
+                    text_frame = encode_frame(message, binary=False)
+                frame = text_frame
+            transport = conn.transport
+            transport.write(frame)
+            if transport.get_write_buffer_size() > limit:
+                slow.append(conn)
+        # Closed after the loop: closing may edit membership (on_close hooks) while we iterate.
+        for conn in slow:
+            conn.slow_consumer()
+
+    async def close(self) -> None:
+        """Stop reconciling (the broker itself is closed with the services)."""
+        self._closed = True
+        tasks = list(self._syncing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for shard in self._shards:
+            shard.clear()
+        self._channels_of.clear()
+
+
+__all__ = ["Hub", "encode_frame", "frame_bytes", "pack_envelope", "unpack_envelope"]
