@@ -65,6 +65,7 @@ class WsConnection(asyncio.Protocol):
         "_warned",
         "_fragments",
         "_fragment_text",
+        "outbox",
     )
 
     def __init__(
@@ -94,6 +95,9 @@ class WsConnection(asyncio.Protocol):
         self._warned = False
         self._fragments: list[bytes] = []
         self._fragment_text = False
+        # Prebuilt hub frames waiting for this tick's flush (Hub.broadcast coalesces them into one
+        # write per socket per tick). Flushed before anything else is written, so order holds.
+        self.outbox: list[bytes] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -263,7 +267,22 @@ class WsConnection(asyncio.Protocol):
     def abort(self) -> None:
         self.transport.abort()
 
+    def flush_outbox(self) -> None:
+        """Write the queued hub frames as one write; 4008 if that passes the outbound bound."""
+        outbox = self.outbox
+        if not outbox:
+            return
+        data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+        outbox.clear()
+        if self.transport.is_closing():
+            return
+        self.transport.write(data)
+        if self.transport.get_write_buffer_size() > self._state.settings.ws_outbound_limit_bytes:
+            self.slow_consumer()
+
     def _send_data(self) -> None:
+        if self.outbox:
+            self.flush_outbox()
         for data in self.protocol.data_to_send():
             if data:
                 self.transport.write(data)

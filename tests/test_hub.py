@@ -70,6 +70,18 @@ class FakeConn:
         self.protocol = FakeProtocol()
         self.transport = FakeTransport()
         self.slow = 0
+        self.outbox: list[bytes] = []
+        self.flushes = 0
+
+    def flush_outbox(self) -> None:  # as WsConnection.flush_outbox, on the fake transport
+        if not self.outbox:
+            return
+        self.flushes += 1
+        data = self.outbox[0] if len(self.outbox) == 1 else b"".join(self.outbox)
+        self.outbox.clear()
+        self.transport.write(data)
+        if self.transport.get_write_buffer_size() > 1000:
+            self.slow_consumer()
 
     def slow_consumer(self) -> None:
         self.slow += 1
@@ -107,6 +119,28 @@ def parse_frame(data: bytes) -> tuple[int, bytes]:
         n, offset = int.from_bytes(data[2:10], "big"), 10
     assert len(data) == offset + n
     return data[0] & 0x0F, data[offset:]
+
+
+def split_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Several frames written at once, split."""
+    frames = []
+    while data:
+        n = data[1] & 0x7F
+        offset = {126: 4, 127: 10}.get(n, 2)
+        if n >= 126:
+            n = int.from_bytes(data[2:offset], "big")
+        frames.append(parse_frame(data[: offset + n]))
+        data = data[offset + n :]
+    return frames
+
+
+def json_frames(data: bytes) -> list[Message]:
+    return [json.loads(payload) for _, payload in split_frames(data)]
+
+
+async def tick() -> None:
+    """Let the hub's once-per-tick flush run."""
+    await asyncio.sleep(0)
 
 
 @pytest.fixture
@@ -156,6 +190,7 @@ async def test_broadcast_writes_one_shared_frame_per_codec(count_encodes: list[b
         await hub.subscribe(conn, "c")  # type: ignore[arg-type]
     message = {"type": "op", "payload": b"\x00\x01\xfe\xff", "text": "ä"}
     assert await hub.publish("c", message) is None
+    await tick()
     assert sorted(count_encodes) == [False, True]  # once per codec, not per recipient
     frames = [conn.transport.written for conn in text + binary]
     assert all(len(w) == 1 for w in frames)
@@ -177,6 +212,7 @@ async def test_only_used_codecs_are_encoded_and_closed_members_skipped(count_enc
         await hub.subscribe(conn, "c")  # type: ignore[arg-type]
     gone.protocol.state = State.CLOSING
     await hub.publish("c", {"type": "x"})
+    await tick()
     assert count_encodes == [False]
     assert gone.transport.written == []
     assert len(a.transport.written) == len(b.transport.written) == 1
@@ -189,21 +225,44 @@ async def test_exclude_device_skips_every_socket_of_that_device() -> None:
     for conn in (sender1, sender2, other):
         await hub.subscribe(conn, "c")  # type: ignore[arg-type]
     await hub.publish("c", {"type": "x"}, exclude_device="dev-s")
+    await tick()
     assert sender1.transport.written == sender2.transport.written == []
     assert len(other.transport.written) == 1
 
 
 async def test_a_member_past_the_outbound_bound_is_closed_and_others_still_written() -> None:
-    hub = Hub(MemoryBroker(), outbound_limit=1000)
+    hub = Hub(MemoryBroker())
     await hub.start()
     conns = [FakeConn(f"d{i}") for i in range(10)]
     for conn in conns:
         await hub.subscribe(conn, "c")  # type: ignore[arg-type]
     conns[3].transport.buffered = 1001
     await hub.publish("c", {"type": "x"})
+    await tick()
     await hub.publish("c", {"type": "y"})
+    await tick()
     assert conns[3].slow == 1 and len(conns[3].transport.written) == 1  # closed, then skipped
     assert all(len(c.transport.written) == 2 and c.slow == 0 for i, c in enumerate(conns) if i != 3)
+
+
+async def test_frames_of_one_tick_are_written_once_per_socket_in_order() -> None:
+    hub = Hub(MemoryBroker())
+    await hub.start()
+    a, b = FakeConn("a"), FakeConn("b", binary=True)
+    for conn in (a, b):
+        await hub.subscribe(conn, "c")  # type: ignore[arg-type]
+    for i in range(5):
+        await hub.publish("c", {"type": "op", "i": i})
+    assert a.transport.written == []  # nothing written before the tick ends
+    await tick()
+    assert a.flushes == b.flushes == 1 and len(a.transport.written) == 1
+    assert [m["i"] for m in json_frames(a.transport.written[0])] == list(range(5))
+    # A long burst within one tick is bounded: written every COALESCE_MAX_FRAMES frames.
+    for i in range(relay.hub.COALESCE_MAX_FRAMES * 2 + 1):
+        await hub.publish("c", {"type": "op", "i": i})
+    assert a.flushes == 3 and a.outbox and len(a.outbox) == 1
+    await tick()
+    assert a.flushes == 4 and not a.outbox
 
 
 async def test_sequenced_publish_puts_seq_into_every_frame() -> None:
@@ -213,9 +272,11 @@ async def test_sequenced_publish_puts_seq_into_every_frame() -> None:
     await hub.subscribe(conn, "c")  # type: ignore[arg-type]
     assert await hub.sequence_head("k") == 0
     seqs = [await hub.publish("c", {"type": "op", "i": i}, sequence_key="k") for i in range(3)]
+    await tick()
     assert seqs == [1, 2, 3]
     assert await hub.sequence_head("k") == 3
-    got = [msgpack.unpackb(parse_frame(w)[1]) for w in conn.transport.written]
+    (written,) = conn.transport.written
+    got = [msgpack.unpackb(payload) for _, payload in split_frames(written)]
     assert got == [{"type": "op", "i": i, "seq": i + 1} for i in range(3)]
 
 
@@ -263,6 +324,7 @@ async def test_joiners_wait_for_the_broker_confirm_and_leave_join_races_end_subs
     await join_c
     assert broker.calls == [("sub", "c"), ("unsub", "c"), ("sub", "c")]
     await hub.publish("c", {"type": "x"})
+    await tick()
     assert len(c.transport.written) == 1
 
 
@@ -284,6 +346,7 @@ async def test_a_failed_broker_subscribe_reaches_the_joiner_and_is_retried() -> 
     await hub.subscribe(b, "c")  # type: ignore[arg-type]  # not confirmed yet: asks again
     assert broker.calls == [("sub", "c")]
     await hub.publish("c", {"type": "x"})
+    await tick()
     assert len(b.transport.written) == 1
     await hub.close()
 
