@@ -34,12 +34,7 @@ def create_app(services: Services) -> web.Application:
     app[SERVICES] = services
     app[MAX_BODY] = settings.max_body_bytes
     for name in ROUTE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # a module another issue has not written yet
-                continue
-            raise
+        module = importlib.import_module(name)
         app.add_routes(module.routes)
         setup = getattr(module, "setup", None)
         if setup is not None:
