@@ -19,6 +19,7 @@ import asyncio
 import logging
 from typing import cast
 
+from relay import book_relay
 from relay.connection import WsConnection
 from relay.httphead import HeadError, RequestHead, find_head_end, parse_head
 from relay.responses import error_response_bytes
@@ -152,7 +153,11 @@ class HeadReader(asyncio.Protocol):
         )
         transport.set_protocol(conn)
         conn.start()
-        conn.send(self._state.hello(conn))
+        if accepted.book_id is not None:
+            # Subscribed before ``presence``, its first frame (realtime.md "Handshake").
+            await book_relay.for_state(self._state).opened(conn, accepted.book_id)
+        else:
+            conn.send(self._state.hello(conn))
         transport.resume_reading()
 
     # -- endings --------------------------------------------------------------------------------

@@ -8,12 +8,14 @@ itself. Any refusal is an ``ApiError``; the caller answers it as the REST envelo
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
+from relay import book_relay
 from relay.httphead import RequestHead
 from relay.protocol import DEVICE_ID, SUBPROTOCOLS, Codec, codec_for, select_subprotocol
 from relay.state import RelayState
@@ -23,6 +25,7 @@ from shared.principals import Principal, authenticate, bearer_from_header
 from shared.ratelimit import Limit
 
 WS_PATH = "/ws"
+RELAY_PATH = re.compile(r"^/ws/relay/([A-Za-z0-9_-]{1,64})$")  # another spelling of a book id is no book
 WS_KINDS = frozenset({"user", "daemon", "api_token"})  # E2EE devices use /ws/relay/{book_id}
 
 
@@ -35,6 +38,7 @@ class Accepted:
     principal: Principal
     device_id: str | None
     codec: Codec
+    book_id: str | None = None  # set on /ws/relay/{book_id}
 
 
 def credential_of(head: RequestHead) -> str | None:
@@ -45,8 +49,8 @@ def credential_of(head: RequestHead) -> str | None:
 async def negotiate(state: RelayState, head: RequestHead, data: bytes) -> Accepted:
     """Run every check on an upgrade request (``data``: the bytes read so far, head included)."""
     settings = state.settings
-    if head.path != WS_PATH:
-        # /ws/relay/{book_id} is a later issue; until then every other /ws/... path is unknown.
+    relay = RELAY_PATH.match(head.path)
+    if head.path != WS_PATH and relay is None:
         raise ApiError(ErrorCode.NOT_FOUND, "no such socket endpoint")
     if state.draining:
         raise ApiError(ErrorCode.SERVICE_UNAVAILABLE, "server is draining", headers={"Retry-After": "1"})
@@ -54,24 +58,13 @@ async def negotiate(state: RelayState, head: RequestHead, data: bytes) -> Accept
     origin = head.header("origin")
     if allowed and origin is not None and origin not in allowed:
         raise ApiError(ErrorCode.FORBIDDEN, "origin not allowed")
-    device_id = head.query_param("device_id")
-    if device_id is not None and not DEVICE_ID.match(device_id):
-        raise validation_error("device_id", "must match [A-Za-z0-9_-]{1,64}")
-
-    credential = credential_of(head)
-    if credential is None:
-        raise ApiError(ErrorCode.INVALID_TOKEN, "missing credential")
-    principal = await authenticate(state.services, credential)
-    if principal.kind not in WS_KINDS:
-        raise ApiError(ErrorCode.FORBIDDEN, "this credential cannot open /ws")
-    if principal.kind == "api_token":
-        principal.require_scope("subscribe")
-    device_id = device_id or principal.device_id  # a daemon's key implies its own device
-
-    limit = Limit.of(settings.rate("rate_ws_connect"))
-    key = f"ws_connect:{principal.kind}:{principal.id}:{device_id or ''}"
-    decision = await state.services.limiter.hit(key, limit)
-    decision.raise_if_denied("too many socket connections; retry later")
+    book_id: str | None = None
+    if relay is not None:
+        book_id = relay.group(1)
+        principal = await _admit_relay(state, head, book_id)
+        device_id = principal.device_id
+    else:
+        principal, device_id = await _admit_ws(state, head)
 
     protocol = ServerProtocol(
         subprotocols=SUBPROTOCOLS,
@@ -91,4 +84,51 @@ async def negotiate(state: RelayState, head: RequestHead, data: bytes) -> Accept
         raise ApiError(ErrorCode.VALIDATION_ERROR, reason[:200], status=response.status_code)
     protocol.send_response(response)
     subprotocol = response.headers.get("Sec-WebSocket-Protocol")
-    return Accepted(protocol, "c-" + secrets.token_urlsafe(12), principal, device_id, codec_for(subprotocol))
+    return Accepted(protocol, "c-" + secrets.token_urlsafe(12), principal, device_id, codec_for(subprotocol), book_id)
+
+
+async def _admit_ws(state: RelayState, head: RequestHead) -> tuple[Principal, str | None]:
+    """``/ws``: users, daemons and API tokens with ``subscribe``; the socket's ``device_id``."""
+    device_id = head.query_param("device_id")
+    if device_id is not None and not DEVICE_ID.match(device_id):
+        raise validation_error("device_id", "must match [A-Za-z0-9_-]{1,64}")
+
+    credential = credential_of(head)
+    if credential is None:
+        raise ApiError(ErrorCode.INVALID_TOKEN, "missing credential")
+    principal = await authenticate(state.services, credential)
+    if principal.kind not in WS_KINDS:
+        raise ApiError(ErrorCode.FORBIDDEN, "this credential cannot open /ws")
+    if principal.kind == "api_token":
+        principal.require_scope("subscribe")
+    device_id = device_id or principal.device_id  # a daemon's key implies its own device
+
+    limit = Limit.of(state.settings.rate("rate_ws_connect"))
+    key = f"ws_connect:{principal.kind}:{principal.id}:{device_id or ''}"
+    decision = await state.services.limiter.hit(key, limit)
+    decision.raise_if_denied("too many socket connections; retry later")
+    return principal, device_id
+
+
+async def _admit_relay(state: RelayState, head: RequestHead, book_id: str) -> Principal:
+    """``/ws/relay/{book_id}``: a device JWT of a current member, bound to this book if bound at all.
+
+    Not a member, no such book, another book's token, another kind of credential: all the same
+    403, so outsiders cannot probe which books exist (README "Device JWT"). The connection limit
+    (per device) is counted before the membership query, so a flood costs no store lookups.
+    """
+    credential = credential_of(head)
+    if credential is None:
+        raise ApiError(ErrorCode.INVALID_TOKEN, "missing credential")
+    principal = await authenticate(state.services, credential)
+    if principal.kind != "device" or principal.device_id is None:
+        raise ApiError(ErrorCode.FORBIDDEN, "the book relay needs an E2EE device token")
+    if principal.book_id is not None and principal.book_id != book_id:
+        raise ApiError(ErrorCode.FORBIDDEN, "this token is bound to another book")
+    limit = Limit.of(state.settings.rate("rate_relay_connect"))
+    decision = await state.services.limiter.hit(f"relay_connect:{principal.device_id}", limit)
+    decision.raise_if_denied("too many relay connections; retry later")
+    if not await book_relay.is_member(state.services.db, book_id, principal.device_id):
+        raise ApiError(ErrorCode.FORBIDDEN, "not a member of this book")
+    book_relay.for_state(state)  # its handlers are in place before the socket can send anything
+    return principal

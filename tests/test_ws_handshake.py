@@ -248,7 +248,7 @@ async def test_token_without_subscribe_scope_and_e2ee_devices_are_forbidden(serv
 
 
 async def test_unknown_ws_paths_are_404(server: Any) -> None:
-    for path in ("/ws/relay/book-1?token=user", "/ws/nope?token=user", "/ws/"):
+    for path in ("/ws/relay/?token=user", "/ws/relay/b1/x?token=user", "/ws/nope?token=user", "/ws/"):
         status, _, error = await refused(server, path)
         assert (status, error["code"]) == (404, "NOT_FOUND")
 
