@@ -88,7 +88,7 @@ def write_eml(directory: Path, email_id: str, data: bytes) -> Path:
     """Write ``<id>.eml`` atomically: a reader never sees half a file (temp file + rename)."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{email_id}.eml"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".eml")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")  # not *.eml: readers glob for those
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
