@@ -30,9 +30,10 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen.adapters import ADAPTERS  # noqa: E402
+from loadgen import sbsetup  # noqa: E402
+from loadgen.adapters import ADAPTERS, SwitchboardAdapter  # noqa: E402
 from loadgen.session import Layout, Session, median_spread  # noqa: E402
-from peers.run import PEERS, Peer  # noqa: E402
+from peers.run import PEERS, SWITCHBOARD_DATA, Peer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 P99_BOUND_MS = 100.0
@@ -51,6 +52,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--server-cpus", default="0", help="taskset core list for a started peer")
     t.add_argument(
         "--load-cpus", default="1", help="cores for the load processes ('' = no pinning)"
+    )
+    sb = p.add_argument_group("switchboard (see bench/README.md)")
+    sb.add_argument(
+        "--sb-data-dir",
+        default=str(SWITCHBOARD_DATA),
+        help="the server's DATA_DIR (devices and books of earlier runs are reused)",
+    )
+    sb.add_argument(
+        "--sb-reset", action="store_true", help="delete --sb-data-dir first (fresh devices)"
+    )
+    sb.add_argument(
+        "--sb-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra server setting, e.g. WORKERS=2 (repeatable)",
     )
     r = p.add_argument_group("runs")
     r.add_argument("--tests", default="ABCD", help="which tests, e.g. AC")
@@ -251,16 +268,38 @@ async def run_session(
 @contextlib.contextmanager
 def target(args: argparse.Namespace) -> Iterator[int | None]:
     if args.peer:
-        with Peer(args.peer, args.server_cpus) as peer:
+        env = dict(kv.split("=", 1) for kv in args.sb_env)
+        if args.peer == "switchboard":
+            env["DATA_DIR"] = args.sb_data_dir
+        with Peer(args.peer, args.server_cpus, env=env) as peer:
             yield peer.pid
     else:
         yield args.server_pid
 
 
+_TOKENS: dict[str, list[str]] = {}
+
+
+def prepare_switchboard(args: argparse.Namespace, lay: Layout) -> None:
+    """Devices, books and memberships for this layout (made once, reused), fresh JWTs."""
+    data_dir = Path(args.sb_data_dir)
+    base = f"http://{args.host}:{args.port}"
+    manifest = uvloop.run(sbsetup.ensure(base, data_dir, [(lay.channels, lay.subs_per_channel)]))
+    count = lay.channels * lay.subs_per_channel + lay.channels
+    key = f"{data_dir}:{count}"
+    if key not in _TOKENS:
+        _TOKENS[key] = sbsetup.tokens(manifest, count)
+    books = manifest.books[sbsetup.layout_key(lay.channels, lay.subs_per_channel)]
+    SwitchboardAdapter.configure(books, _TOKENS[key], lay.subs_per_channel)
+
+
 def run_trial(name: str, args: argparse.Namespace) -> dict[str, Any]:
     make_layout, test = TESTS[name]
+    lay = make_layout(args)
     with target(args) as pid:
-        s = Session(make_layout(args), pid)
+        if args.adapter == "switchboard":
+            prepare_switchboard(args, lay)
+        s = Session(lay, pid)
         s.fork_workers()
         try:
             return uvloop.run(run_session(s, test, args))
@@ -330,6 +369,10 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sb_reset and args.peer == "switchboard":
+        import shutil
+
+        shutil.rmtree(args.sb_data_dir, ignore_errors=True)
     if args.load_cpus:
         os.sched_setaffinity(0, {int(c) for c in args.load_cpus.split(",")})
     started = datetime.datetime.now(datetime.UTC)

@@ -70,7 +70,9 @@ async def main(port: int) -> None:
         )
         handoff.WsConnection = EchoConnection  # type: ignore[attr-defined,misc]  # what HeadReader builds
         server = await start_server(settings, authenticator=any_token)
-        logging.getLogger("switchboard").info("autobahn echo server on ws://127.0.0.1:%d/ws", server.port)
+        logging.getLogger("switchboard").info(
+            "autobahn echo server on ws://127.0.0.1:%d/ws", server.port
+        )
         print(f"listening on {server.port}", flush=True)
         try:
             await asyncio.Event().wait()

@@ -32,13 +32,19 @@ def main(index_path: str, allowlist_path: str) -> int:
         for case in failed:
             c = cases[case]
             if case in allowed:
-                print(f"  allowed   {case}: {c['behavior']}/{c['behaviorClose']} -- {allowed[case]}")
+                print(
+                    f"  allowed   {case}: {c['behavior']}/{c['behaviorClose']} -- {allowed[case]}"
+                )
             else:
-                print(f"  FAILED    {case}: {c['behavior']}/{c['behaviorClose']} (not in the allow list)")
+                print(
+                    f"  FAILED    {case}: {c['behavior']}/{c['behaviorClose']} (not in the allow list)"
+                )
                 status = 1
         for case in sorted(set(allowed) - set(failed)):
             if case in cases:
-                print(f"  stale     {case}: allowed but no longer fails; remove it from the allow list")
+                print(
+                    f"  stale     {case}: allowed but no longer fails; remove it from the allow list"
+                )
                 status = 1
         non_strict = sorted(case for case, c in cases.items() if c["behavior"] == "NON-STRICT")
         if non_strict:

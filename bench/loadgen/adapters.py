@@ -8,8 +8,6 @@ Counting sockets never look: they divide bytes received by `delivery_size`.
 
 from __future__ import annotations
 
-import base64
-import json
 import random
 
 from .wsproto import OP_BINARY, OP_PONG, OP_TEXT, client_frame, server_header_len
@@ -55,7 +53,8 @@ class Adapter:
     def __init__(self, payload_size: int = 100) -> None:
         self.payload_size = payload_size
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, channel: str, socket: int) -> dict[str, str]:
+        """Extra handshake headers of subscriber ``socket`` of ``channel`` (-1: its publisher)."""
         return {}
 
     def sub_path(self, channel: str) -> str:
@@ -81,6 +80,26 @@ class Adapter:
     def delivery_size(self) -> int:
         body = self.delivery_body(channel_name(0))
         return server_header_len(body) + body
+
+    def delivery_size_at(self, seq: int) -> int:
+        """Bytes of the delivery of message ``seq`` (of its channel); fixed unless overridden."""
+        return self.delivery_size()
+
+    def mean_delivery_size(self, first: list[int], last: list[int]) -> float:
+        """Mean bytes per delivery of messages ``first[ch] < seq <= last[ch]`` of each channel."""
+        if type(self).delivery_size_at is Adapter.delivery_size_at:
+            return float(self.delivery_size())
+        total = count = 0
+        for a, b in zip(first, last, strict=True):
+            # Widths change only at a few boundaries: sum runs of equal size, not every seq.
+            seq = a + 1
+            while seq <= b:
+                size = self.delivery_size_at(seq)
+                end = min(b, _next_width_boundary(seq) - 1)
+                total += size * (end - seq + 1)
+                count += end - seq + 1
+                seq = end + 1
+        return total / count if count else float(self.delivery_size_at(max(last, default=1)))
 
     def extract(self, frame: bytes) -> list[tuple[int, int]]:
         return find_stamps(frame)
@@ -205,56 +224,105 @@ class YWebsocketAdapter(Adapter):
 
 
 class SwitchboardAdapter(Adapter):
-    """TODO(switchboard): book relay ``/ws/relay/{book_id}``; not runnable until the server exists.
+    """Switchboard's book relay ``/ws/relay/{book_id}``, subprotocol ``switchboard.v1.msgpack``.
 
-    What is already right (realtime.md): one book = one channel, the publisher
-    sends ``{"type":"crdt_operation","payload":<base64>,"timestamp":...}`` text
-    frames, subscribers receive ``crdt_operation`` frames with the payload plus
-    ``device_id``, ``relay_timestamp`` and ``seq`` (the stamp is found by decoding
-    the payload). Still missing, see bench/README.md:
-      - credentials per socket (``Authorization: Bearer``): N devices paired into
-        one book, made through the REST API before connecting;
-      - the settings that raise the protective limits (frames/s per connection,
-        connections per device per 10 min) for the publisher and the load;
-      - a fixed delivery size: ``seq`` and ``relay_timestamp`` change width, so
-        pad them or calibrate bytes per delivery from a sampled socket (or use the
-        ``switchboard.v1.msgpack`` subprotocol);
-      - skipping the first ``presence`` frame and ``ack`` frames to the sender.
+    One book per channel; every socket is its own E2EE device, a member of the book, with a
+    device JWT (``Authorization: Bearer``) made by ``sbsetup`` before the trial and handed to
+    this class with ``configure`` (before the load processes fork). The publisher sends
+    ``{"type": "crdt_operation", "payload": <raw bytes>, "timestamp": T}`` (no ``id``: no
+    dedupe entry per op); subscribers receive the op with ``device_id`` (36-char uuid),
+    ``relay_timestamp`` (uint32 until 2106) and ``seq`` added by the server. MessagePack keeps
+    the payload raw (no base64) and every field but ``seq`` fixed in width; ``seq`` takes 1, 2,
+    3 or 5 bytes (< 128, < 256, < 65536, above), so the bytes of a delivery are a function of
+    its seq (``delivery_size_at``), which the session averages over the seqs of each phase.
+    Frames that are not deliveries (``presence`` and ``synced`` on connect, ``device.online``
+    when another member connects, server pings) carry no stamp: sampled sockets skip them,
+    and counting sockets receive them only while connecting, before any phase starts (pings,
+    6 bytes per socket per 30 s, are noise below 0.01 %). The publisher's ``ack`` frames are
+    read and dropped by ``Publisher``.
     """
 
     name = "switchboard"
-    default_port = 8080
+    default_port = 18705
+    payload_opcode = OP_BINARY
+    subprotocol = "switchboard.v1.msgpack"
+    timestamp = 1706860800  # the op's client timestamp: fixed (5 bytes in MessagePack)
+    # Sockets answer nothing (counting sockets never parse): an unsolicited pong every 20 s
+    # keeps the server's heartbeat (HEARTBEAT_S 30, silent 2x = closed) satisfied.
+    keepalive = client_frame(b"", OP_PONG)
+
+    # Set by ``configure`` in the control process before the load processes fork.
+    books: list[str] = []
+    tokens: list[str] = []
+    subs_per_channel = 0
+    channels = 0
+
+    @classmethod
+    def configure(cls, books: list[str], tokens: list[str], subs_per_channel: int) -> None:
+        cls.books, cls.tokens = books, tokens
+        cls.channels, cls.subs_per_channel = len(books), subs_per_channel
 
     def __init__(self, payload_size: int = 100) -> None:
         super().__init__(payload_size)
-        raise NotImplementedError(
-            "switchboard adapter is a stub (TODO: tokens, book setup, limits) -- see bench/README.md"
-        )
+        import time as _time
+
+        import msgpack
+
+        self._packb = msgpack.packb
+        probe = {
+            "type": "crdt_operation",
+            "payload": b"x" * payload_size,
+            "timestamp": self.timestamp,
+            "device_id": "00000000-0000-0000-0000-000000000000",
+            "relay_timestamp": int(_time.time()),
+        }
+        self._base = len(msgpack.packb(probe, use_bin_type=True))  # without "seq"
+        self._seq_overhead = len(msgpack.packb("seq"))
+
+    def _device(self, channel: str, socket: int) -> int:
+        ch = int(channel[1:])
+        if socket < 0:  # the channel's publisher
+            return self.channels * self.subs_per_channel + ch
+        return ch * self.subs_per_channel + socket
+
+    def headers(self, channel: str, socket: int) -> dict[str, str]:
+        if not self.tokens:
+            raise RuntimeError("SwitchboardAdapter.configure was not called (no tokens)")
+        return {
+            "Authorization": f"Bearer {self.tokens[self._device(channel, socket)]}",
+            "Sec-WebSocket-Protocol": self.subprotocol,
+        }
+
+    def _book(self, channel: str) -> str:
+        return self.books[int(channel[1:])]
 
     def sub_path(self, channel: str) -> str:
-        return f"/ws/relay/{channel}"
+        return f"/ws/relay/{self._book(channel)}"
 
     def pub_path(self, channel: str) -> str:
-        return f"/ws/relay/{channel}"
+        return f"/ws/relay/{self._book(channel)}"
 
     def pub_frame(self, channel: str, payload: bytes) -> bytes:
-        body = {
-            "type": "crdt_operation",
-            "payload": base64.b64encode(payload).decode(),
-            "timestamp": 0,
-        }
-        return client_frame(json.dumps(body, separators=(",", ":")).encode(), OP_TEXT)
+        body = {"type": "crdt_operation", "payload": payload, "timestamp": self.timestamp}
+        return client_frame(self._packb(body, use_bin_type=True), OP_BINARY)
 
-    def extract(self, frame: bytes) -> list[tuple[int, int]]:
-        try:
-            msg = json.loads(frame)
-            return (
-                find_stamps(base64.b64decode(msg["payload"]))
-                if msg.get("type") == "crdt_operation"
-                else []
-            )
-        except (ValueError, KeyError, TypeError):
-            return []
+    def delivery_body_at(self, seq: int) -> int:
+        return self._base + self._seq_overhead + len(self._packb(seq))
+
+    def delivery_body(self, channel: str) -> int:
+        return self.delivery_body_at(1)
+
+    def delivery_size_at(self, seq: int) -> int:
+        body = self.delivery_body_at(seq)
+        return server_header_len(body) + body
+
+
+def _next_width_boundary(seq: int) -> int:
+    """The smallest integer above ``seq`` where a MessagePack uint may change width."""
+    for bound in (128, 256, 1 << 16, 1 << 32):
+        if seq < bound:
+            return bound
+    return 1 << 64
 
 
 def _varuint(n: int) -> bytes:

@@ -52,6 +52,8 @@ class Phase:
 
     t: float
     delivered: float
+    counted: int  # bytes received by the counting sockets
+    sent: list[int]  # messages sent per channel (= the last seq, for sequenced targets)
     latency_index: int
     sample_messages: int
     server: CpuMeter
@@ -85,10 +87,12 @@ class Session:
         import multiprocessing.sharedctypes as shared
 
         lay = self.layout
-        all_subs = [ch for ch in range(lay.channels) for _ in range(lay.subs_per_channel)]
-        sample_at = set(_spread(len(all_subs), lay.sampled))
-        self._sampled_channels = [all_subs[i] for i in sorted(sample_at)]
-        counting = [ch for i, ch in enumerate(all_subs) if i not in sample_at]
+        # Subscriber i (0..channels*subs-1) is socket i % subs of channel i // subs.
+        total = lay.channels * lay.subs_per_channel
+        sample_at = set(_spread(total, lay.sampled))
+        self._sampled_index = sorted(sample_at)
+        self._sampled_channels = [i // lay.subs_per_channel for i in self._sampled_index]
+        counting = [i for i in range(total) if i not in sample_at]
         n = max(1, lay.workers) if counting else 0
         self.counters = shared.RawArray("q", 2 * max(1, n))
         per = math.ceil(len(counting) / n) if n else 0
@@ -100,6 +104,7 @@ class Session:
                 lay.host,
                 lay.port,
                 part,
+                lay.subs_per_channel,
                 w * per,
                 lay.src_addrs,
                 lay.rcvlowat,
@@ -127,9 +132,10 @@ class Session:
             w.send("go")
         sem = asyncio.Semaphore(lay.concurrency)
 
-        async def sampled(i: int, ch: int) -> SampledSub:
+        async def sampled(i: int, index: int) -> SampledSub:
+            ch, k = divmod(index, lay.subs_per_channel)
             name = channel_name(ch)
-            req = handshake_request(lay.host, lay.port, ad.sub_path(name), ad.headers())
+            req = handshake_request(lay.host, lay.port, ad.sub_path(name), ad.headers(name, k))
             async with sem:
                 p = await open_socket(
                     lambda: SampledSub(req, ad.sub_init(name), ad, ch, self.samples),
@@ -143,7 +149,7 @@ class Session:
 
         async def publisher(ch: int) -> Publisher:
             name = channel_name(ch)
-            req = handshake_request(lay.host, lay.port, ad.pub_path(name), ad.headers())
+            req = handshake_request(lay.host, lay.port, ad.pub_path(name), ad.headers(name, -1))
             async with sem:
                 p = await open_socket(
                     lambda: Publisher(req, ad.pub_init(name)),
@@ -156,7 +162,7 @@ class Session:
             return p
 
         self.sampled = list(
-            await asyncio.gather(*(sampled(i, ch) for i, ch in enumerate(self._sampled_channels)))
+            await asyncio.gather(*(sampled(i, x) for i, x in enumerate(self._sampled_index)))
         )
         own = time.perf_counter() - t0
         if lay.publishers:
@@ -193,10 +199,13 @@ class Session:
                 )
             await asyncio.sleep(0.05)
 
+    def counted(self) -> int:
+        """Bytes received so far by all counting sockets."""
+        return sum(self.counters[2 * i] for i in range(len(self.workers))) if self.workers else 0
+
     def delivered(self) -> float:
         """Deliveries so far: counted bytes / bytes per delivery, plus sampled messages."""
-        counted = sum(self.counters[2 * i] for i in range(len(self.workers))) if self.workers else 0
-        return counted / self.adapter.delivery_size() + self.samples.messages
+        return self.counted() / self.adapter.delivery_size() + self.samples.messages
 
     def lost(self) -> int:
         return sum(self.counters[2 * i + 1] for i in range(len(self.workers))) + self.samples.lost
@@ -211,16 +220,29 @@ class Session:
         server.start(now)
         load.start(now)
         return Phase(
-            now, self.delivered(), len(self.samples.latency_ns), self.samples.messages, server, load
+            now,
+            self.delivered(),
+            self.counted(),
+            list(self.sent),
+            len(self.samples.latency_ns),
+            self.samples.messages,
+            server,
+            load,
         )
 
     def measure(self, start: Phase) -> dict[str, Any]:
         now = time.perf_counter()
         dt = now - start.t
         lat = sorted(self.samples.latency_ns[start.latency_index :])
+        # Bytes per delivery over the messages sent in the phase (fixed for most adapters;
+        # Switchboard's grows by a byte at seq 128, 256 and 65536).
+        size = self.adapter.mean_delivery_size(start.sent, self.sent)
+        delivered = (self.counted() - start.counted) / size
+        delivered += self.samples.messages - start.sample_messages
         out: dict[str, Any] = {
             "seconds": round(dt, 3),
-            "deliveries_per_s": (self.delivered() - start.delivered) / dt,
+            "deliveries_per_s": delivered / dt,
+            "bytes_per_delivery": size,
             "server_cpu_pct": start.server.percent(now),
             "load_cpu_pct": start.load.percent(now),
             "lost_sockets": self.lost(),

@@ -30,7 +30,8 @@ class WorkerSpec:
     payload_size: int
     host: str
     port: int
-    channels: list[int]  # one entry per socket: the channel it subscribes to
+    sockets: list[int]  # global subscriber indexes: socket i % subs of channel i // subs
+    subs_per_channel: int
     first_index: int  # global index of the first socket (spreads source addresses)
     src_addrs: list[str]
     rcvlowat: int
@@ -72,9 +73,12 @@ async def connect_counting(
     sem = asyncio.Semaphore(spec.concurrency)
     opened: list[CountingSub] = []
 
-    async def one(i: int, ch: int) -> None:
+    async def one(i: int, index: int) -> None:
+        ch, k = divmod(index, spec.subs_per_channel)
         name = channel_name(ch)
-        request = handshake_request(spec.host, spec.port, adapter.sub_path(name), adapter.headers())
+        request = handshake_request(
+            spec.host, spec.port, adapter.sub_path(name), adapter.headers(name, k)
+        )
         init = adapter.sub_init(name)
         src = spec.src_addrs[(spec.first_index + i) % len(spec.src_addrs)]
         async with sem:
@@ -89,7 +93,7 @@ async def connect_counting(
         opened.append(proto)
 
     results = await asyncio.gather(
-        *(one(i, ch) for i, ch in enumerate(spec.channels)), return_exceptions=True
+        *(one(i, x) for i, x in enumerate(spec.sockets)), return_exceptions=True
     )
     return opened, [r for r in results if isinstance(r, BaseException)]
 

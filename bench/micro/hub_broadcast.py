@@ -88,7 +88,9 @@ class DirectHub(Hub):
 
     __slots__ = ()
 
-    def broadcast(self, members: Collection[Any], message: Message, exclude: str | None = None) -> None:
+    def broadcast(
+        self, members: Collection[Any], message: Message, exclude: str | None = None
+    ) -> None:
         frames: dict[bool, bytes] = {}
         for conn in members:
             if conn.protocol.state is not OPEN:

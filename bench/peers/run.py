@@ -29,6 +29,20 @@ sys.path.insert(0, str(HERE.parent))
 from loadgen import procstat  # noqa: E402
 from loadgen.wsproto import check_handshake, handshake_request  # noqa: E402
 
+SWITCHBOARD_DATA = RUN_DIR / "switchboard-data"
+SWITCHBOARD_ENV = {
+    "HOST": "127.0.0.1",
+    "PORT": "18705",
+    "DATA_DIR": str(SWITCHBOARD_DATA),
+    "LOG_LEVEL": "WARNING",
+    "WS_RATE": "1000000/1",  # publisher frames/s (default 200/1)
+    "WS_BURST": "100000",  # frame burst, also the ops one socket may queue (default 400)
+    "RATE_RELAY_CONNECT": "1000000/600",  # relay connections per device (default 5/600)
+    "RATE_DEVICE_REGISTER_IP": "1000000/3600",  # setup: registrations per IP (default 100/3600)
+    "RATE_BOOK_CREATE": "1000000/3600",  # setup: books per device (default 20/3600)
+    "MAX_HANDSHAKES_PER_IP": "100000",  # unfinished handshakes per IP (default 64)
+}
+
 
 @dataclass(frozen=True)
 class PeerSpec:
@@ -38,6 +52,7 @@ class PeerSpec:
     probe_path: str
     env: dict[str, str] = field(default_factory=dict)
     dirs: tuple[str, ...] = ()
+    http_probe: bool = False  # probe_path is an HTTP GET that must answer 200 (not a 101)
 
 
 PEERS: dict[str, PeerSpec] = {
@@ -65,6 +80,20 @@ PEERS: dict[str, PeerSpec] = {
             dirs=("nginx/logs", "nginx/tmp"),
         ),
         PeerSpec("nats", 18703, ["nats-server", "-c", str(HERE / "nats.conf")], "/"),
+        # The server under test, started exactly like the peers (fresh process per trial, pinned),
+        # on the embedded default: SQLite in DATA_DIR, in-process broker. The protective
+        # limits are raised through their documented settings so they cannot cap the load
+        # (BENCHMARKS.md lists them); the rest are defaults (HEARTBEAT_S 30, outbound bound
+        # 1 MiB). LOG_LEVEL=WARNING: no access line per setup request.
+        PeerSpec(
+            "switchboard",
+            18705,
+            [str(ROOT / ".venv/bin/switchboard"), "serve"],
+            "/health",
+            env=SWITCHBOARD_ENV,
+            dirs=("switchboard-data",),
+            http_probe=True,
+        ),
         PeerSpec(
             "ywebsocket",
             18704,
@@ -95,11 +124,27 @@ def probe(host: str, port: int, path: str, timeout: float = 2.0) -> None:
         check_handshake(head.partition(b"\r\n\r\n")[0])
 
 
+def http_probe(host: str, port: int, path: str, timeout: float = 2.0) -> None:
+    """One blocking HTTP GET; raises unless the answer is 200."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        head = s.recv(4096)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(head[:80].decode("latin-1"))
+
+
 class Peer:
     """A running peer: `with Peer("nats") as p: ... p.pid ...`."""
 
-    def __init__(self, name: str, cpu: str = "0", ready_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        cpu: str = "0",
+        ready_timeout: float = 20.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.spec = PEERS[name]
+        self.env = {**self.spec.env, **(env or {})}
         self.cpu = cpu
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen[bytes] | None = None
@@ -128,7 +173,7 @@ class Peer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **self.spec.env},
+                env={**os.environ, **self.env},
                 start_new_session=True,
             )
         try:
@@ -148,7 +193,10 @@ class Peer:
                     f"{self.spec.name} exited ({self.proc.returncode}): {self.tail()}"
                 )
             try:
-                probe("127.0.0.1", self.spec.port, self.spec.probe_path)
+                if self.spec.http_probe:
+                    http_probe("127.0.0.1", self.spec.port, self.spec.probe_path)
+                else:
+                    probe("127.0.0.1", self.spec.port, self.spec.probe_path)
                 return
             except (OSError, Exception) as exc:  # not listening yet, or not answering yet
                 last = exc
