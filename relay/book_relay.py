@@ -137,7 +137,9 @@ class _Socket:
 
     def __init__(self, book_id: str) -> None:
         self.book_id = book_id
-        self.queue: deque[tuple[Any, bytes, int]] = deque()
+        # Made on the first op and dropped when drained: an empty deque is ~600 bytes, and most
+        # sockets are idle most of the time (bench/micro/README.md, memory per socket).
+        self.queue: deque[tuple[Any, bytes, int]] | None = None
         self.worker: asyncio.Task[None] | None = None
 
 
@@ -246,22 +248,29 @@ class BookRelay:
         if isinstance(timestamp, bool) or not isinstance(timestamp, int) or timestamp < 0:
             conn.send(op_error(ErrorCode.VALIDATION_ERROR, "'timestamp' must be unix seconds (integer)", op_id))
             return None
-        if len(socket.queue) >= self.state.settings.ws_burst:
+        queue = socket.queue
+        if queue is None:
+            queue = socket.queue = deque()
+        elif len(queue) >= self.state.settings.ws_burst:
             conn.send(op_error(ErrorCode.RATE_LIMIT_EXCEEDED, "too many ops waiting; slow down", op_id))
             return None
-        socket.queue.append((op_id, payload, timestamp))
+        queue.append((op_id, payload, timestamp))
         if socket.worker is None:
             socket.worker = self.state.spawn(self._drain(conn, socket))
         return None
 
     async def _drain(self, conn: WsConnection, socket: _Socket) -> None:
         """Publish the socket's ops in arrival order (per-sender order across nodes)."""
+        queue = socket.queue
+        assert queue is not None
         try:
-            while socket.queue and conn.open:
-                op_id, payload, timestamp = socket.queue.popleft()
+            while queue and conn.open:
+                op_id, payload, timestamp = queue.popleft()
                 await self._relay(conn, socket.book_id, op_id, payload, timestamp)
         finally:
             socket.worker = None
+            if not queue and socket.queue is queue:
+                socket.queue = None
 
     async def _relay(self, conn: WsConnection, book_id: str, op_id: Any, payload: bytes, timestamp: int) -> None:
         if op_id is None:  # "without one, every frame is a new op"

@@ -23,9 +23,11 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from websockets.frames import Frame, Opcode
-from websockets.protocol import OPEN, State
+from websockets.protocol import OPEN, Protocol, State
 from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 
+from relay.hub import frame_bytes
 from relay.protocol import Codec, Message, MessageError, TokenBucket, error_frame, request_id_of
 from shared import metrics
 from shared.codes import CloseCode, ErrorCode
@@ -45,6 +47,32 @@ CLOSE_TIMEOUT_S = 3.0
 # WS_OUTBOUND_LIMIT_BYTES of memory for that whole time.
 SLOW_CLOSE_TIMEOUT_S = 1.0
 _DATA_OPCODES = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
+
+
+def release_handshake(protocol: ServerProtocol) -> bool:
+    """Let the opening handshake's request go once it is answered (memory per idle socket).
+
+    ``ServerProtocol.parse`` parses the request and then runs the frame parser, ``Protocol.parse``,
+    inside the same generator frame, whose local ``request`` (the Request with every header, the
+    credential included: about 3 KB, bench/micro/README.md) thus lives as long as the socket.
+    When that generator waits at the top of its frame loop (no frame half read: the reader is
+    empty and the innermost generator is ``StreamReader.at_eof``), a fresh ``Protocol.parse`` on
+    the same protocol is in exactly the same state, so it replaces it. Otherwise nothing changes.
+    """
+    parser = protocol.parser
+    inner = parser
+    while (sub := getattr(inner, "gi_yieldfrom", None)) is not None:
+        inner = sub
+    if protocol.reader.buffer or getattr(inner, "gi_code", None) is not _AT_EOF_CODE:
+        return False
+    fresh = Protocol.parse(protocol)
+    next(fresh)  # runs to the same wait: at_eof on the empty reader
+    protocol.parser = fresh
+    parser.close()
+    return True
+
+
+_AT_EOF_CODE = StreamReader.at_eof.__code__
 
 
 class WsConnection(asyncio.Protocol):
@@ -95,9 +123,11 @@ class WsConnection(asyncio.Protocol):
         self._warned = False
         self._fragments: list[bytes] = []
         self._fragment_text = False
-        # Prebuilt hub frames waiting for this tick's flush (Hub.broadcast coalesces them into one
-        # write per socket per tick). Flushed before anything else is written, so order holds.
+        # Frames owed to this socket that could not share its channel's joined bytes (its own
+        # frames, see send(), and the broadcasts queued before them), written at the tick's flush
+        # (Hub.queue_own) or before anything the protocol writes (Hub.flush_member): order holds.
         self.outbox: list[bytes] = []
+        release_handshake(protocol)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -224,17 +254,16 @@ class WsConnection(asyncio.Protocol):
 
     # -- outbound -------------------------------------------------------------------------------
     def send(self, message: Message) -> None:
-        """Encode and write one frame; dropped silently once the socket is no longer OPEN."""
+        """Encode one frame and queue it behind what the socket is owed; it is written at the end
+        of the loop tick with the socket's other frames, in one write (an op's ack, replies).
+        Dropped silently once the socket is no longer OPEN.
+
+        Built like the hub's frames (unmasked, FIN, no extensions: asserted at subscribe, and
+        ``negotiate`` offers none), so it skips websockets' per-frame serialization."""
         if not self.open:
             return
-        payload = self.codec.encode(message)
-        if self.codec.binary:
-            self.protocol.send_binary(payload)
-        else:
-            self.protocol.send_text(payload)
-        self._send_data()
-        if self.transport.get_write_buffer_size() > self._state.settings.ws_outbound_limit_bytes:
-            self.slow_consumer()
+        codec = self.codec
+        self._state.hub.queue_own(self, frame_bytes(codec.encode(message), binary=codec.binary))
 
     def slow_consumer(self) -> None:
         """The peer reads slower than we write: disconnect it rather than buffer without bound; it
@@ -268,7 +297,7 @@ class WsConnection(asyncio.Protocol):
         self.transport.abort()
 
     def flush_outbox(self) -> None:
-        """Write the queued hub frames as one write; 4008 if that passes the outbound bound."""
+        """Write the queued frames as one write; 4008 if that passes the outbound bound."""
         outbox = self.outbox
         if not outbox:
             return
@@ -281,9 +310,13 @@ class WsConnection(asyncio.Protocol):
             self.slow_consumer()
 
     def _send_data(self) -> None:
-        if self.outbox:
-            self.flush_outbox()
-        for data in self.protocol.data_to_send():
+        chunks = self.protocol.data_to_send()
+        if not chunks:  # the usual case after data_received: nothing to write now
+            return
+        # Protocol data (the 101, pongs, pings, close frames) goes after everything queued before
+        # it: this socket's broadcast frames and its own queued frames.
+        self._state.hub.flush_member(self)
+        for data in chunks:
             if data:
                 self.transport.write(data)
             elif self.transport.can_write_eof():

@@ -6,10 +6,23 @@ unrelated sockets, dict resizes stay small, and the layout maps onto several wor
 A broadcast is decoded once per node and encoded once per wire format actually used by the
 channel's members; the same frame bytes go to every member's transport, bypassing the websockets
 protocol object: server frames are unmasked and no extension is negotiated (asserted at subscribe),
-so one prebuilt frame is valid for everyone (STYLE.md 8). Frames are queued per socket and written
-once per loop tick, several joined into one write (measured: bench/micro/README.md). Nothing
-awaits per recipient: a member whose write buffer passes the outbound bound is closed with 4008
-(slow consumer) and never slows the others (realtime.md guarantee 3).
+so one prebuilt frame is valid for everyone (STYLE.md 8). Nothing awaits per recipient: a member whose
+write buffer passes the outbound bound is closed with 4008 (slow consumer) and never slows the
+others (realtime.md guarantee 3).
+
+Coalescing per channel per loop tick (measured: bench/micro/README.md). A broadcast appends one
+entry to its channel's batch: O(1), whatever the member count. At the tick's flush each channel's
+entries are encoded once per codec and joined once per codec, and the SAME joined bytes go to every
+member in one ``transport.write``: O(members) per tick, not O(members x messages). Members that
+need other bytes take the slow path (``_pending_frames``): the excluded device's sockets (the
+sender of a book op), a socket with frames of its own queued (acks, replies: ``queue_own``), a
+socket already served part of the tick (``_marks``), a socket in several channels with pending
+batches (merged in broadcast order). Per-socket order is broadcast order, and a connection's own
+frames keep their place: ``queue_own`` first moves the broadcasts already owed to that socket into
+its outbox, and ``flush_member`` (called before the connection writes protocol data such as a
+close frame) writes everything owed first. Bounds: a channel with ``COALESCE_MAX_FRAMES`` pending
+entries is flushed at once, as is an outbox of that size. A subscribe or unsubscribe flushes the
+channel's batch first, so a batch always goes to the members it was broadcast to.
 
 Broker envelope: ``msgpack([message, exclude_device, seq])``. A sequenced publish sends the array
 header and the first two items; the broker appends ``seq`` (one MessagePack integer) atomically
@@ -72,8 +85,49 @@ def encode_frame(message: Message, *, binary: bool) -> bytes:
     return frame_bytes(text.encode(), binary=False)
 
 
-# Frames one socket may queue within one tick before they are written at once.
+# Broadcasts one channel (or frames one socket) may queue within one tick before they are written.
 COALESCE_MAX_FRAMES = 64
+DEFAULT_OUTBOUND_LIMIT = 1 << 20  # WS_OUTBOUND_LIMIT_BYTES' default
+
+
+class _Entry:
+    """One broadcast waiting for the tick's flush; its frames are encoded on first use."""
+
+    __slots__ = ("index", "message", "exclude", "text", "binary")
+
+    def __init__(self, index: int, message: Message, exclude: str | None) -> None:
+        self.index = index  # hub-wide broadcast order
+        self.message = message
+        self.exclude = exclude
+        self.text: bytes | None = None
+        self.binary: bytes | None = None
+
+    def frame(self, binary: bool) -> bytes:
+        if binary:
+            if self.binary is None:
+                self.binary = encode_frame(self.message, binary=True)
+            return self.binary
+        if self.text is None:
+            self.text = encode_frame(self.message, binary=False)
+        return self.text
+
+
+class _Batch:
+    """A channel's broadcasts of this tick, in order, with the channel's (live) member dict."""
+
+    __slots__ = ("members", "entries", "excludes")
+
+    def __init__(self, members: dict[WsConnection, None]) -> None:
+        self.members = members
+        self.entries: list[_Entry] = []
+        self.excludes: set[str] | None = None  # devices some entry skips
+
+
+def _joined(entries: list[_Entry], binary: bool) -> bytes:
+    if len(entries) == 1:
+        return entries[0].frame(binary)  # the very frame bytes, shared by every member
+    return b"".join([entry.frame(binary) for entry in entries])
+
 
 _SEQUENCED_HEAD = b"\x93"  # MessagePack fixarray of 3: message, exclude_device, seq
 
@@ -85,6 +139,10 @@ def pack_envelope(message: Message, exclude_device: str | None, *, sequenced: bo
             (_SEQUENCED_HEAD, _packb(message, use_bin_type=True), _packb(exclude_device))
         )
     return _packb([message, exclude_device, None], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _entry_index(entry: _Entry) -> int:
+    return entry.index
 
 
 def unpack_envelope(data: bytes) -> tuple[Message, str | None, int | None]:
@@ -101,21 +159,34 @@ class Hub:
         "_confirmed",
         "_syncing",
         "_closed",
+        "_batches",
+        "_index",
+        "_marks",
         "_dirty",
         "_flush_scheduled",
+        "outbound_limit",
     )
 
-    def __init__(self, broker: Broker, *, shards: int = 64) -> None:
+    def __init__(
+        self, broker: Broker, *, shards: int = 64, outbound_limit: int = DEFAULT_OUTBOUND_LIMIT
+    ) -> None:
         self.broker = broker
         # channel -> members; a dict keeps insertion order and O(1) removal.
         self._shards: list[dict[str, dict[WsConnection, None]]] = [{} for _ in range(shards)]
-        self._channels_of: dict[WsConnection, set[str]] = {}  # for unsubscribe_all
+        # A socket's channels: the name alone for the usual one channel (a set costs ~200 bytes
+        # per socket), a set of two or more otherwise.
+        self._channels_of: dict[WsConnection, str | set[str]] = {}
         self._asked: set[str] = set()  # channels the broker was asked to subscribe (and not since dropped)
         self._confirmed: set[str] = set()  # ... of which the broker confirmed the subscription
         self._syncing: dict[str, asyncio.Task[None]] = {}  # channel -> its reconciling task
         self._closed = False
-        self._dirty: list[WsConnection] = []  # members with frames in their outbox
+        self._batches: dict[str, _Batch] = {}  # channels with broadcasts waiting for the flush
+        self._index = 0  # broadcasts so far (orders entries across channels)
+        self._marks: dict[WsConnection, int] = {}  # served this tick up to this entry index
+        self._dirty: list[WsConnection] = []  # sockets with own frames in their outbox
         self._flush_scheduled = False
+        # A socket whose write buffer passes this is a slow consumer (4008): WS_OUTBOUND_LIMIT_BYTES.
+        self.outbound_limit = outbound_limit
 
     async def start(self) -> None:
         await self.broker.start(self.on_broker_message)
@@ -135,8 +206,17 @@ class Hub:
         members = shard.get(channel)
         if members is None:
             members = shard[channel] = {}
+        elif channel in self._batches:  # broadcast before the join: not for the joiner
+            self._flush_channel(channel, self._batches[channel])
         members[conn] = None
-        self._channels_of.setdefault(conn, set()).add(channel)
+        current = self._channels_of.get(conn)
+        if current is None:
+            self._channels_of[conn] = channel
+        elif isinstance(current, str):
+            if current != channel:
+                self._channels_of[conn] = {current, channel}
+        else:
+            current.add(channel)
         if channel in self._confirmed and channel not in self._syncing:
             return
         # shield: a cancelled joiner must not cancel the subscription other joiners wait for.
@@ -148,20 +228,31 @@ class Hub:
         members = shard.get(channel)
         if members is None or conn not in members:
             return
+        if channel in self._batches:  # broadcast while a member: still for the leaver
+            self._flush_channel(channel, self._batches[channel])
         del members[conn]
-        channels = self._channels_of.get(conn)
-        if channels is not None:
-            channels.discard(channel)
-            if not channels:
+        current = self._channels_of.get(conn)
+        if isinstance(current, str):
+            if current == channel:
                 del self._channels_of[conn]
+        elif current is not None:
+            current.discard(channel)
+            if len(current) == 1:
+                self._channels_of[conn] = next(iter(current))
         if not members:
             del shard[channel]
             if not self._closed:
                 _ = self._sync(channel)  # runs in the background
 
     def unsubscribe_all(self, conn: WsConnection) -> None:
-        for channel in list(self._channels_of.get(conn, ())):
+        for channel in self._channels(conn):
             self.unsubscribe(conn, channel)
+
+    def _channels(self, conn: WsConnection) -> list[str]:
+        current = self._channels_of.get(conn)
+        if current is None:
+            return []
+        return [current] if isinstance(current, str) else list(current)
 
     def local_members(self, channel: str) -> Collection[WsConnection]:
         return self._shard(channel).get(channel, {}).keys()
@@ -233,45 +324,146 @@ class Hub:
             return
         if seq is not None:
             message["seq"] = seq
-        self.broadcast(members, message, exclude)
+        self._queue(channel, members, message, exclude)
 
-    def broadcast(self, members: Collection[WsConnection], message: Message, exclude: str | None = None) -> None:
-        """Queue ``message`` for every OPEN member, encoding it at most once per wire format.
+    def broadcast(self, channel: str, message: Message, exclude: str | None = None) -> None:
+        """Queue ``message`` for this node's members of ``channel`` (skipping ``exclude``'s sockets).
 
-        Synchronous, no await, no task per recipient (STYLE.md 7). Frames are appended to each
-        member's outbox and written once per socket per loop tick (``_flush``): a burst of
-        broadcasts costs one send() per socket instead of one per frame (bench/micro/README.md).
-        The outbound bound (4008) is checked after each write.
+        Synchronous, no await, no task and no work per recipient (STYLE.md 7): one entry in the
+        channel's batch, written at the tick's flush (``_flush``).
         """
-        text_frame: bytes | None = None
-        binary_frame: bytes | None = None
-        dirty = self._dirty
-        for conn in members:
-            if conn.protocol.state is not OPEN or (exclude is not None and conn.device_id == exclude):
-                continue
-            if conn.codec.binary:
-                if binary_frame is None:
-                    binary_frame = encode_frame(message, binary=True)
-                frame = binary_frame
+        members = self._shard(channel).get(channel)
+        if members:
+            self._queue(channel, members, message, exclude)
+
+    def _queue(
+        self, channel: str, members: dict[WsConnection, None], message: Message, exclude: str | None
+    ) -> None:
+        batch = self._batches.get(channel)
+        if batch is None:
+            batch = self._batches[channel] = _Batch(members)
+        self._index += 1
+        batch.entries.append(_Entry(self._index, message, exclude))
+        if exclude is not None:
+            if batch.excludes is None:
+                batch.excludes = {exclude}
             else:
-                if text_frame is None:
-                    text_frame = encode_frame(message, binary=False)
-                frame = text_frame
-            outbox = conn.outbox
-            if not outbox:  # (after an early flush below it may be listed twice: harmless)
-                dirty.append(conn)
-            outbox.append(frame)
-            if len(outbox) >= COALESCE_MAX_FRAMES:  # a long burst within one tick: bound the queue
-                conn.flush_outbox()
-        if dirty and not self._flush_scheduled:
+                batch.excludes.add(exclude)
+        if len(batch.entries) >= COALESCE_MAX_FRAMES:  # a long burst within one tick: bound it
+            self._flush_channel(channel, batch)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    # -- frames a connection sends itself ----------------------------------------------------------
+    def queue_own(self, conn: WsConnection, frame: bytes) -> None:
+        """Queue a frame of ``conn``'s own (an ack, a reply) behind what it is already owed; it is
+        written at the tick's flush, with the socket's broadcast frames, in one write."""
+        outbox = conn.outbox
+        if self._batches:
+            outbox.extend(self._pending_frames(conn))  # owed before this frame: keep their place
+        if not outbox:  # (listed twice after an early write below: harmless)
+            self._dirty.append(conn)
+        outbox.append(frame)
+        if len(outbox) >= COALESCE_MAX_FRAMES:
+            conn.flush_outbox()
+        self._schedule()
+
+    def flush_member(self, conn: WsConnection) -> None:
+        """Write everything queued for ``conn`` now: before it writes anything else itself."""
+        if self._batches:
+            frames = self._pending_frames(conn)
+            if frames:
+                conn.outbox.extend(frames)
+        if conn.outbox:
+            conn.flush_outbox()
+
+    def _pending_frames(self, conn: WsConnection) -> list[bytes]:
+        """The frames of pending broadcasts ``conn`` is owed and was not served yet, in broadcast
+        order; marks it served up to now, so the channel flushes skip them."""
+        channels = self._channels(conn)
+        if not channels:
+            return []
+        mark = self._marks.get(conn, 0)
+        owed: list[_Entry] = []
+        several = 0
+        for channel in channels:
+            batch = self._batches.get(channel)
+            if batch is not None and batch.entries[-1].index > mark:
+                owed += batch.entries
+                several += 1
+        if not owed:
+            return []
+        self._marks[conn] = self._index
+        if several > 1:
+            owed.sort(key=_entry_index)  # across channels: one socket sees broadcast order
+        binary = conn.codec.binary
+        device = conn.device_id
+        return [
+            entry.frame(binary)
+            for entry in owed
+            if entry.index > mark and (entry.exclude is None or entry.exclude != device)
+        ]
+
+    # -- the tick's flush ----------------------------------------------------------------------------
     def _flush(self) -> None:
         self._flush_scheduled = False
+        batches = self._batches
+        while batches:
+            channel = next(iter(batches))
+            self._flush_channel(channel, batches[channel])
+        self._marks.clear()
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
-            conn.flush_outbox()  # may close it (4008): membership edits happen after this loop
+            if conn.outbox:
+                conn.flush_outbox()
+
+    def _flush_channel(self, channel: str, batch: _Batch) -> None:
+        """Write the batch to every OPEN member: one shared join per codec, one write per socket."""
+        entries = batch.entries
+        excludes = batch.excludes
+        marks = self._marks
+        channels_of = self._channels_of if len(self._batches) > 1 else None
+        limit = self.outbound_limit
+        text: bytes | None = None
+        binary: bytes | None = None
+        slow: list[WsConnection] = []
+        # A copy: nothing below calls back into membership, but a member list must not change
+        # size under the loop whatever a transport does.
+        for conn in tuple(batch.members):
+            if conn.protocol.state is not OPEN:
+                continue
+            if (
+                conn.outbox
+                or (marks and conn in marks)
+                or (excludes is not None and conn.device_id in excludes)
+                or (channels_of is not None and not isinstance(channels_of[conn], str))
+            ):
+                frames = self._pending_frames(conn)  # reads this batch too: delete it after
+                if conn.outbox:
+                    frames = [*conn.outbox, *frames]
+                    conn.outbox.clear()
+                if not frames:
+                    continue
+                data = frames[0] if len(frames) == 1 else b"".join(frames)
+            elif conn.codec.binary:
+                if binary is None:
+                    binary = _joined(entries, True)
+                data = binary
+            else:
+                if text is None:
+                    text = _joined(entries, False)
+                data = text
+            transport = conn.transport
+            transport.write(data)
+            if transport.get_write_buffer_size() > limit:
+                slow.append(conn)
+        self._batches.pop(channel, None)
+        for conn in slow:  # closing writes a close frame and may flush: after the batch is gone
+            conn.slow_consumer()
 
     async def close(self) -> None:
         """Stop reconciling (the broker itself is closed with the services)."""
@@ -280,6 +472,8 @@ class Hub:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._batches.clear()
+        self._marks.clear()
         for shard in self._shards:
             shard.clear()
         self._channels_of.clear()

@@ -67,7 +67,7 @@ class RelayState:
         self.tasks: set[asyncio.Task[Any]] = set()
         refresh.install(self)  # credential refresh + expiry (4001) on every socket
         # Channel membership and fan-out; a socket leaves every channel when it goes.
-        self.hub = Hub(services.broker)
+        self.hub = Hub(services.broker, outbound_limit=settings.ws_outbound_limit_bytes)
         self.on_close.append(self.hub.unsubscribe_all)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

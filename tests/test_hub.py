@@ -231,7 +231,7 @@ async def test_exclude_device_skips_every_socket_of_that_device() -> None:
 
 
 async def test_a_member_past_the_outbound_bound_is_closed_and_others_still_written() -> None:
-    hub = Hub(MemoryBroker())
+    hub = Hub(MemoryBroker(), outbound_limit=1000)
     await hub.start()
     conns = [FakeConn(f"d{i}") for i in range(10)]
     for conn in conns:
@@ -245,24 +245,130 @@ async def test_a_member_past_the_outbound_bound_is_closed_and_others_still_writt
     assert all(len(c.transport.written) == 2 and c.slow == 0 for i, c in enumerate(conns) if i != 3)
 
 
-async def test_frames_of_one_tick_are_written_once_per_socket_in_order() -> None:
+async def test_frames_of_one_tick_are_joined_once_per_channel_and_written_once_per_socket() -> None:
     hub = Hub(MemoryBroker())
     await hub.start()
-    a, b = FakeConn("a"), FakeConn("b", binary=True)
-    for conn in (a, b):
-        await hub.subscribe(conn, "c")  # type: ignore[arg-type]
+    a, b, c = FakeConn("a"), FakeConn("b", binary=True), FakeConn("c")
+    for conn in (a, b, c):
+        await hub.subscribe(conn, "ch")  # type: ignore[arg-type]
     for i in range(5):
-        await hub.publish("c", {"type": "op", "i": i})
+        await hub.publish("ch", {"type": "op", "i": i})
     assert a.transport.written == []  # nothing written before the tick ends
     await tick()
-    assert a.flushes == b.flushes == 1 and len(a.transport.written) == 1
+    assert len(a.transport.written) == len(b.transport.written) == 1
     assert [m["i"] for m in json_frames(a.transport.written[0])] == list(range(5))
-    # A long burst within one tick is bounded: written every COALESCE_MAX_FRAMES frames.
-    for i in range(relay.hub.COALESCE_MAX_FRAMES * 2 + 1):
-        await hub.publish("c", {"type": "op", "i": i})
-    assert a.flushes == 3 and a.outbox and len(a.outbox) == 1
+    assert a.transport.written[0] is c.transport.written[0]  # one join, shared by the members
+    got = [msgpack.unpackb(payload)["i"] for _, payload in split_frames(b.transport.written[0])]
+    assert got == list(range(5))
+    # A long burst within one tick is bounded: written every COALESCE_MAX_FRAMES broadcasts.
+    n = relay.hub.COALESCE_MAX_FRAMES
+    for i in range(n * 2 + 1):
+        await hub.publish("ch", {"type": "op", "i": i})
+    assert len(a.transport.written) == 3
     await tick()
-    assert a.flushes == 4 and not a.outbox
+    assert len(a.transport.written) == 4
+    assert [m["i"] for w in a.transport.written[1:] for m in json_frames(w)] == list(range(n * 2 + 1))
+
+
+async def test_a_sockets_own_frames_keep_their_place_among_broadcasts() -> None:
+    """An ack queued between two broadcasts is written between them, in the same write."""
+    hub = Hub(MemoryBroker())
+    await hub.start()
+    sender, other = FakeConn("s"), FakeConn("o")
+    for conn in (sender, other):
+        await hub.subscribe(conn, "ch")  # type: ignore[arg-type]
+    await hub.publish("ch", {"type": "op", "i": 0})
+    hub.queue_own(sender, frame_bytes(b'{"type":"ack","i":0}', binary=False))  # type: ignore[arg-type]
+    await hub.publish("ch", {"type": "op", "i": 1}, exclude_device="o")
+    await hub.publish("ch", {"type": "op", "i": 2}, exclude_device="s")
+    hub.queue_own(sender, frame_bytes(b'{"type":"ack","i":2}', binary=False))  # type: ignore[arg-type]
+    assert sender.transport.written == []
+    await tick()
+    (written,) = sender.transport.written
+    assert [(m["type"], m["i"]) for m in json_frames(written)] == [
+        ("op", 0), ("ack", 0), ("op", 1), ("ack", 2)
+    ]
+    (written,) = other.transport.written
+    assert [m["i"] for m in json_frames(written)] == [0, 2]
+
+
+async def test_flush_member_writes_what_a_socket_is_owed_before_anything_else() -> None:
+    """What the connection writes itself (a close frame, a pong) follows its queued frames."""
+    hub = Hub(MemoryBroker())
+    await hub.start()
+    a, b = FakeConn("a"), FakeConn("b")
+    for conn in (a, b):
+        await hub.subscribe(conn, "ch")  # type: ignore[arg-type]
+    await hub.publish("ch", {"type": "op", "i": 0})
+    hub.queue_own(a, frame_bytes(b'{"type":"mine"}', binary=False))  # type: ignore[arg-type]
+    await hub.publish("ch", {"type": "op", "i": 1})
+    hub.flush_member(a)  # type: ignore[arg-type]
+    a.transport.write(b"PROTOCOL")  # what WsConnection._send_data writes next
+    await hub.publish("ch", {"type": "op", "i": 2})
+    await tick()
+    first, protocol, last = a.transport.written
+    assert [m.get("i", "mine") for m in json_frames(first)] == [0, "mine", 1]
+    assert protocol == b"PROTOCOL"
+    assert [m["i"] for m in json_frames(last)] == [2]
+    (written,) = b.transport.written  # b was not disturbed: one write of the whole tick
+    assert [m["i"] for m in json_frames(written)] == [0, 1, 2]
+
+
+async def test_a_socket_in_several_channels_gets_one_tick_in_broadcast_order() -> None:
+    hub = Hub(MemoryBroker())
+    await hub.start()
+    both, only_x, only_y = FakeConn("both"), FakeConn("x"), FakeConn("y", binary=True)
+    for conn, channels in ((both, "xy"), (only_x, "x"), (only_y, "y")):
+        for channel in channels:
+            await hub.subscribe(conn, channel)  # type: ignore[arg-type]
+    for i in range(6):
+        await hub.publish("xy"[i % 3 == 0], {"type": "op", "i": i})
+    await tick()
+    (written,) = both.transport.written
+    assert [m["i"] for m in json_frames(written)] == list(range(6))
+    (written,) = only_x.transport.written
+    assert [m["i"] for m in json_frames(written)] == [1, 2, 4, 5]
+    (written,) = only_y.transport.written
+    assert [msgpack.unpackb(p)["i"] for _, p in split_frames(written)] == [0, 3]
+
+
+async def test_membership_changes_mid_tick_see_exactly_the_broadcasts_of_their_membership() -> None:
+    """A joiner gets nothing broadcast before it joined; a leaver everything broadcast before it
+    left, even when both happen between a broadcast and the tick's flush."""
+    hub = Hub(MemoryBroker())
+    await hub.start()
+    stays, leaves, joins = FakeConn("s"), FakeConn("l"), FakeConn("j")
+    for conn in (stays, leaves):
+        await hub.subscribe(conn, "ch")  # type: ignore[arg-type]
+    await hub.publish("ch", {"type": "op", "i": 0})
+    await hub.subscribe(joins, "ch")  # type: ignore[arg-type]
+    await hub.publish("ch", {"type": "op", "i": 1})
+    hub.unsubscribe(leaves, "ch")  # type: ignore[arg-type]
+    await hub.publish("ch", {"type": "op", "i": 2})
+    await tick()
+    got = {c.device_id: [m["i"] for w in c.transport.written for m in json_frames(w)]
+           for c in (stays, leaves, joins)}  # fmt: skip
+    assert got == {"s": [0, 1, 2], "l": [0, 1], "j": [1, 2]}
+
+
+async def test_a_slow_consumer_closed_mid_flush_does_not_disturb_the_others() -> None:
+    hub = Hub(MemoryBroker(), outbound_limit=1000)
+    await hub.start()
+    conns = [FakeConn(f"d{i}", binary=i % 2 == 1) for i in range(6)]
+    for conn in conns:
+        await hub.subscribe(conn, "x")  # type: ignore[arg-type]
+    await hub.subscribe(conns[2], "y")  # type: ignore[arg-type]  # the slow one is in two channels
+    conns[2].transport.buffered = 1001
+    for i in range(4):
+        await hub.publish("xy"[i % 2], {"type": "op", "i": i})
+    await tick()
+    assert conns[2].slow == 1 and len(conns[2].transport.written) == 1
+    await hub.publish("x", {"type": "op", "i": 4})
+    await tick()
+    assert len(conns[2].transport.written) == 1  # closed: skipped from then on
+    for i, conn in enumerate(conns):
+        if i != 2:
+            assert conn.slow == 0 and len(conn.transport.written) == 2
 
 
 async def test_sequenced_publish_puts_seq_into_every_frame() -> None:

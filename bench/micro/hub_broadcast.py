@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import socket
 import time
-from collections.abc import Collection
 from typing import Any
 
 import uvloop
@@ -82,15 +81,16 @@ class Member:
         if self.transport.get_write_buffer_size() > LIMIT:
             raise AssertionError("no member should be slow here")
 
+    def slow_consumer(self) -> None:
+        raise AssertionError("no member should be slow here")
+
 
 class DirectHub(Hub):
     """The alternative: one transport write per frame, right in the broadcast loop."""
 
     __slots__ = ()
 
-    def broadcast(
-        self, members: Collection[Any], message: Message, exclude: str | None = None
-    ) -> None:
+    def _queue(self, channel: str, members: Any, message: Message, exclude: str | None) -> None:
         frames: dict[bool, bytes] = {}
         for conn in members:
             if conn.protocol.state is not OPEN:
@@ -137,23 +137,25 @@ def _rate(frames: int, seconds: float) -> str:
     return f"{frames / seconds:>12,.0f} frames/s  ({seconds / (frames / MEMBERS) * 1e6:,.1f} us per broadcast)"
 
 
-async def bench_fake(rounds: int, coalesce: bool) -> None:
-    hub = Hub(MemoryBroker()) if coalesce else DirectHub(MemoryBroker())
+async def bench_fake(rounds: int, burst: int, coalesce: bool) -> None:
+    hub = Hub(MemoryBroker(), outbound_limit=LIMIT) if coalesce else DirectHub(MemoryBroker())
     members = [Member(_FakeTransport(), binary=i % 2 == 1) for i in range(MEMBERS)]
     await _subscribe_all(hub, members)
     data = pack_envelope(MESSAGE, None, sequenced=False)
     start = time.perf_counter()
     for _ in range(rounds):
-        hub.on_broker_message("c", data)
-        await asyncio.sleep(0)  # one tick per broadcast: the coalescing hub writes here
+        for _ in range(burst):
+            hub.on_broker_message("c", data)
+        await asyncio.sleep(0)  # one tick: the coalescing hub writes here
     elapsed = time.perf_counter() - start
-    label = "fake" + ("+coalesce" if coalesce else "")
-    print(f"{label:<17} {MEMBERS} members, {rounds} broadcasts: {_rate(rounds * MEMBERS, elapsed)}")
+    label = ("fake" if burst == 1 else "fake-burst") + ("+coalesce" if coalesce else "")
+    frames = rounds * burst * MEMBERS
+    print(f"{label:<17} {MEMBERS} members, {burst}/tick x {rounds}: {_rate(frames, elapsed)}")
 
 
 async def bench_sockets(rounds: int, burst: int, coalesce: bool) -> None:
     members, transports = await _socket_members()
-    hub: Hub = Hub(MemoryBroker()) if coalesce else DirectHub(MemoryBroker())
+    hub: Hub = Hub(MemoryBroker(), outbound_limit=LIMIT) if coalesce else DirectHub(MemoryBroker())
     await _subscribe_all(hub, members)
     data = pack_envelope(MESSAGE, None, sequenced=False)
     _Sink.received = 0
@@ -174,8 +176,10 @@ async def bench_sockets(rounds: int, burst: int, coalesce: bool) -> None:
 
 
 async def main(rounds: int) -> None:
-    await bench_fake(rounds, coalesce=False)
-    await bench_fake(rounds, coalesce=True)
+    await bench_fake(rounds, 1, coalesce=False)
+    await bench_fake(rounds, 1, coalesce=True)
+    await bench_fake(rounds // BURST or 1, BURST, coalesce=False)
+    await bench_fake(rounds // BURST or 1, BURST, coalesce=True)
     await bench_sockets(rounds, 1, coalesce=False)
     await bench_sockets(rounds, 1, coalesce=True)
     await bench_sockets(rounds // BURST or 1, BURST, coalesce=False)
