@@ -6,9 +6,11 @@ right there, following websockets' ritual (STYLE.md 2):
     receive_data -> events_received -> send data_to_send (always: the protocol answers pings and
     close frames by itself) -> arm the close deadline if close_expected() -> dispatch events.
 
-Timers, not tasks: one ``call_later`` handle drives the server ping every ``heartbeat_s`` and
-closes a socket silent for ``2 x heartbeat_s``; another aborts a transport whose peer does not
-finish the closing handshake.
+Timers, not tasks, and no timer per idle socket: one ``HeartbeatWheel`` per server visits every
+socket once per ``heartbeat_s`` to ping it (sockets spread over its slots); a socket found silent
+for more than one period gets a timer of its own to its exact deadline, closed once silent for
+``2 x heartbeat_s``. Another timer aborts a transport whose peer does not finish the closing
+handshake.
 
 Handlers of message types live in ``RelayState.handlers``; a later issue (hub, inbox) adds its
 own types there and attaches to ``on_open`` / ``on_close``.
@@ -73,6 +75,66 @@ def release_handshake(protocol: ServerProtocol) -> bool:
 
 
 _AT_EOF_CODE = StreamReader.at_eof.__code__
+
+
+class HeartbeatWheel:
+    """One timer for the heartbeats of every socket of a server (instead of one per socket:
+    ~550 bytes each, bench/micro/README.md). Sockets sit in ``SLOTS`` sets by hash; every
+    ``heartbeat_s / SLOTS`` one set is visited, so each socket is visited once per period."""
+
+    SLOTS = 16
+    __slots__ = ("_interval", "_slots", "_pos", "_handle", "_count")
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._slots: list[set[WsConnection]] = [set() for _ in range(self.SLOTS)]
+        self._pos = 0
+        self._handle: asyncio.TimerHandle | None = None
+        self._count = 0
+
+    def add(self, conn: WsConnection) -> None:
+        slot = self._slots[hash(conn) % self.SLOTS]
+        if conn not in slot:
+            slot.add(conn)
+            self._count += 1
+        if self._handle is None:
+            self._schedule()
+
+    def discard(self, conn: WsConnection) -> None:
+        slot = self._slots[hash(conn) % self.SLOTS]
+        if conn in slot:
+            slot.discard(conn)
+            self._count -= 1
+        if not self._count and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(self._interval / self.SLOTS, self._turn)
+
+    def _turn(self) -> None:
+        self._pos = (self._pos + 1) % self.SLOTS
+        for conn in list(self._slots[self._pos]):  # a visit may close it: membership changes
+            conn._on_heartbeat()
+        if self._count:
+            self._schedule()
+        else:
+            self._handle = None
+
+
+_WHEEL_KEY = "relay.heartbeat"
+
+
+def heartbeat_wheel(state: RelayState) -> HeartbeatWheel:
+    """The server's wheel (one per ``RelayState``, kept in the services' extras)."""
+    found = state.services.extras.get(_WHEEL_KEY)
+    if isinstance(found, tuple) and found[0] is state:
+        wheel: HeartbeatWheel = found[1]
+        return wheel
+    wheel = HeartbeatWheel(state.settings.heartbeat_s)
+    state.services.extras[_WHEEL_KEY] = (state, wheel)
+    return wheel
 
 
 class WsConnection(asyncio.Protocol):
@@ -141,7 +203,7 @@ class WsConnection(asyncio.Protocol):
         metrics.WS_CONNECTIONS_WS.inc()
         for hook in self._state.on_open:
             hook(self)
-        self._schedule_heartbeat(self._state.settings.heartbeat_s)
+        heartbeat_wheel(self._state).add(self)
 
     @property
     def open(self) -> bool:
@@ -154,6 +216,7 @@ class WsConnection(asyncio.Protocol):
             if handle is not None:
                 handle.cancel()
         self._heartbeat = self._close_deadline = None
+        heartbeat_wheel(self._state).discard(self)
         if self in self._state.registry:
             self._state.registry.discard(self)
             metrics.WS_CONNECTIONS_WS.dec()
@@ -330,11 +393,8 @@ class WsConnection(asyncio.Protocol):
         if self._close_deadline is None:
             self._close_deadline = self._loop.call_later(CLOSE_TIMEOUT_S, self.transport.abort)
 
-    def _schedule_heartbeat(self, delay: float) -> None:
-        self._heartbeat = self._loop.call_later(delay, self._on_heartbeat)
-
     def _on_heartbeat(self) -> None:
-        self._heartbeat = None
+        """The wheel's visit, once per ``heartbeat_s``: ping, and watch a silent socket closely."""
         if not self.open:
             return
         interval = self._state.settings.heartbeat_s
@@ -344,4 +404,16 @@ class WsConnection(asyncio.Protocol):
             return
         self.protocol.send_ping(os.urandom(4))
         self._send_data()
-        self._schedule_heartbeat(min(interval, 2 * interval - silent_for))
+        if silent_for > interval and self._heartbeat is None:
+            # The next visit would come after the 2 x deadline: a timer to the deadline itself.
+            self._heartbeat = self._loop.call_later(2 * interval - silent_for, self._check_silence)
+
+    def _check_silence(self) -> None:
+        self._heartbeat = None
+        if not self.open:
+            return
+        left = 2 * self._state.settings.heartbeat_s - (self._loop.time() - self._last_rx)
+        if left <= 0:
+            self.fail(CloseCode.INTERNAL_ERROR, "heartbeat timeout")
+        elif left < self._state.settings.heartbeat_s:  # not yet (clock granularity): once more
+            self._heartbeat = self._loop.call_later(left, self._check_silence)
