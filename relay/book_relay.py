@@ -32,9 +32,11 @@ import binascii
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from relay.protocol import Message, error_frame, request_id_of
+from shared.broker.memory import MemoryBroker
 from shared.codes import CloseCode, ErrorCode
 from shared.errors import BackendUnavailable
 from shared.store.base import Executor
@@ -130,6 +132,58 @@ class OpDedupe:
             del entries[key]
 
 
+def run_eagerly(state: RelayState, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run ``coro`` right now up to its first real suspension; a task only if it suspends.
+
+    With the in-process broker an op's publish never suspends, so a burst of ops is relayed within
+    the ``data_received`` that brought it, without a task per burst (BENCHMARKS.md: task creation
+    was ~5 % of test C). Only for that broker (``BookRelay._eager``): the first step runs outside
+    any task, and code such as ``asyncio.timeout`` (the Redis client) needs one. If it does
+    suspend (a dedupe wait), the rest runs in a task (``state.spawn``) as before.
+    """
+    try:
+        first = coro.send(None)
+    except StopIteration:
+        return None
+    except BaseException:
+        coro.close()
+        raise
+    return state.spawn(_resume(coro, first))
+
+
+class _Resumed:
+    """``await`` continuing a coroutine that already yielded ``first`` (what a Task would do)."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, None, None]:
+        coro, pending = self.coro, self.first
+        while True:
+            try:
+                yield pending  # our task waits on the coroutine's future, then resumes us
+            except BaseException as exc:  # cancellation: into the coroutine, as a task would
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                pending = coro.send(None)
+            except StopIteration:
+                return
+
+
+async def _resume(coro: Coroutine[Any, Any, None], first: Any) -> None:
+    await _Resumed(coro, first)
+
+
+_STARTING: Any = object()
+
+
 class _Socket:
     """What the relay keeps per open book socket: its book and its queue of ops to publish."""
 
@@ -151,6 +205,8 @@ class BookRelay:
         self.sockets: dict[WsConnection, _Socket] = {}
         self.local_devices: dict[tuple[str, str], int] = {}  # (book, device) -> open sockets here
         self.dedupe = OpDedupe()
+        # The in-process broker delivers within publish(): ops are relayed without a task.
+        self._eager = type(state.services.broker) is MemoryBroker
         state.handlers[OP_TYPE] = self.on_operation
         state.on_close.append(self.on_close)
 
@@ -201,7 +257,7 @@ class BookRelay:
         socket = self.sockets.pop(conn, None)
         if socket is None:
             return
-        if socket.worker is not None:
+        if socket.worker is not None and socket.worker is not _STARTING:
             socket.worker.cancel()  # unacknowledged ops are the client's to re-send
         self.state.hub.unsubscribe(conn, channel_of(socket.book_id))
         device_id = conn.device_id
@@ -256,7 +312,11 @@ class BookRelay:
             return None
         queue.append((op_id, payload, timestamp))
         if socket.worker is None:
-            socket.worker = self.state.spawn(self._drain(conn, socket))
+            if self._eager:
+                socket.worker = _STARTING  # (nothing re-enters while it runs; belt and braces)
+                socket.worker = run_eagerly(self.state, self._drain(conn, socket))
+            else:
+                socket.worker = self.state.spawn(self._drain(conn, socket))
         return None
 
     async def _drain(self, conn: WsConnection, socket: _Socket) -> None:
