@@ -384,28 +384,39 @@ class Hub:
     def _pending_frames(self, conn: WsConnection) -> list[bytes]:
         """The frames of pending broadcasts ``conn`` is owed and was not served yet, in broadcast
         order; marks it served up to now, so the channel flushes skip them."""
-        channels = self._channels(conn)
-        if not channels:
+        current = self._channels_of.get(conn)
+        if current is None:
             return []
         mark = self._marks.get(conn, 0)
-        owed: list[_Entry] = []
-        several = 0
-        for channel in channels:
-            batch = self._batches.get(channel)
-            if batch is not None and batch.entries[-1].index > mark:
-                owed += batch.entries
-                several += 1
-        if not owed:
+        if mark == self._index:  # served up to the newest broadcast already
             return []
-        self._marks[conn] = self._index
-        if several > 1:
+        if isinstance(current, str):  # the usual single channel: its newest entries only
+            batch = self._batches.get(current)
+            if batch is None:
+                return []
+            entries = batch.entries
+            start = len(entries)
+            while start and entries[start - 1].index > mark:
+                start -= 1
+            if start == len(entries):
+                return []
+            owed = entries[start:] if start else entries
+        else:
+            owed = []
+            for channel in current:
+                batch = self._batches.get(channel)
+                if batch is not None:
+                    owed += [entry for entry in batch.entries if entry.index > mark]
+            if not owed:
+                return []
             owed.sort(key=_entry_index)  # across channels: one socket sees broadcast order
+        self._marks[conn] = self._index
         binary = conn.codec.binary
         device = conn.device_id
         return [
             entry.frame(binary)
             for entry in owed
-            if entry.index > mark and (entry.exclude is None or entry.exclude != device)
+            if entry.exclude is None or entry.exclude != device
         ]
 
     # -- the tick's flush ----------------------------------------------------------------------------
