@@ -117,6 +117,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--d-channels", type=int, default=1, help="channels the idle sockets subscribe to"
     )
     d.add_argument("--d-settle", type=float, default=3.0, help="seconds before reading RSS")
+    e = p.add_argument_group("E: many idle sockets over several workers (Switchboard only)")
+    e.add_argument("--e-sockets", type=int, default=100000)
+    e.add_argument("--e-channels", type=int, default=10000, help="books (sockets spread evenly)")
+    e.add_argument("--e-hold", type=float, default=600.0, help="seconds to hold them all open")
+    e.add_argument("--e-sample", type=float, default=30.0, help="seconds between RSS/CPU samples")
+    sb.add_argument(
+        "--sb-redis",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="start a private redis-server on PORT per trial and point REDIS_URL at it",
+    )
     args = p.parse_args(argv)
     if not args.peer and not (args.adapter and args.port):
         p.error("give --peer, or --adapter and --port for a running target")
@@ -229,6 +241,51 @@ async def test_d(s: Session, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def test_e(s: Session, args: argparse.Namespace) -> dict[str, Any]:
+    """Hold every socket open for --e-hold seconds (server heartbeats on), sampling the server."""
+    import time as _time
+
+    from loadgen.procstat import CpuMeter, tree
+
+    n = s.layout.subscribers
+    out: dict[str, Any] = {
+        "sockets": n,
+        "connect_seconds": s.connect_seconds,
+        "sockets_per_s": n / s.connect_seconds if s.connect_seconds else 0.0,
+        "rss_before_kb": s.rss_before_kb,
+        "samples": [],
+    }
+    t0 = _time.perf_counter()
+    while (elapsed := _time.perf_counter() - t0) < args.e_hold:
+        pids = tree(s.server_pid) if s.server_pid else []
+        meter = CpuMeter(pids)
+        meter.start(_time.perf_counter())
+        await asyncio_sleep(min(args.e_sample, args.e_hold - elapsed))
+        pids = tree(s.server_pid) if s.server_pid else []
+        rss = s.server_rss_kb()
+        out["samples"].append(
+            {
+                "t": round(_time.perf_counter() - t0, 1),
+                "server_rss_kb": rss,
+                "kb_per_socket": (rss - s.rss_before_kb) / n,
+                "server_cpu_pct": meter.percent(_time.perf_counter()),
+                "server_processes": len(pids),
+                "lost_sockets": s.lost(),
+            }
+        )
+        print(f"    E t={out['samples'][-1]['t']:.0f}s {out['samples'][-1]}", flush=True)
+    last = out["samples"][-1] if out["samples"] else {}
+    out["kb_per_socket"] = last.get("kb_per_socket", 0.0)
+    out["server_cpu_pct"] = statistics_mean([x["server_cpu_pct"] for x in out["samples"]])
+    out["lost_sockets"] = s.lost()
+    out["held_seconds"] = _time.perf_counter() - t0
+    return out
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
 async def asyncio_sleep(seconds: float) -> None:
     import asyncio
 
@@ -246,6 +303,7 @@ TESTS: dict[
     "B": (lambda a: layout(a, 1, a.b_subs, a.b_samples, True), test_b),
     "C": (lambda a: layout(a, a.c_channels, a.c_subs, a.samples, True), test_c),
     "D": (lambda a: layout(a, a.d_channels, a.d_sockets // a.d_channels, 0, False), test_d),
+    "E": (lambda a: layout(a, a.e_channels, a.e_sockets // a.e_channels, 0, False), test_e),
 }
 
 
@@ -266,12 +324,45 @@ async def run_session(
 
 
 @contextlib.contextmanager
+def private_redis(port: int, cpus: str) -> Iterator[None]:
+    """A fresh redis-server of our own (no persistence), so no shared instance is disturbed."""
+    import socket as _socket
+
+    proc = subprocess.Popen(
+        ["taskset", "-c", cpus, "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no", "--maxclients", "10000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with _socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
 def target(args: argparse.Namespace) -> Iterator[int | None]:
     if args.peer:
         env = dict(kv.split("=", 1) for kv in args.sb_env)
-        if args.peer == "switchboard":
-            env["DATA_DIR"] = args.sb_data_dir
-        with Peer(args.peer, args.server_cpus, env=env) as peer:
+        with contextlib.ExitStack() as stack:
+            if args.peer == "switchboard":
+                env["DATA_DIR"] = args.sb_data_dir
+                if args.sb_redis:
+                    stack.enter_context(private_redis(args.sb_redis, args.server_cpus))
+                    env["REDIS_URL"] = f"redis://127.0.0.1:{args.sb_redis}/0"
+            peer = stack.enter_context(Peer(args.peer, args.server_cpus, env=env))
             yield peer.pid
     else:
         yield args.server_pid
@@ -331,6 +422,13 @@ FIGURES: dict[str, list[tuple[str, Callable[[dict[str, Any]], float | None]]]] =
     "D": [
         ("D KB/socket", lambda r: r["kb_per_socket"]),
         ("D sockets/s", lambda r: r["sockets_per_s"]),
+    ],
+    "E": [
+        ("E sockets held", lambda r: r["sockets"] - r["lost_sockets"]),
+        ("E lost sockets", lambda r: r["lost_sockets"]),
+        ("E KB/socket", lambda r: r["kb_per_socket"]),
+        ("E server CPU % (hold)", lambda r: r["server_cpu_pct"]),
+        ("E sockets/s", lambda r: r["sockets_per_s"]),
     ],
 }
 

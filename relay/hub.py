@@ -363,10 +363,10 @@ class Hub:
         """Queue a frame of ``conn``'s own (an ack, a reply) behind what it is already owed; it is
         written at the tick's flush, with the socket's broadcast frames, in one write."""
         outbox = conn.outbox
-        if self._batches:
-            outbox.extend(self._pending_frames(conn))  # owed before this frame: keep their place
         if not outbox:  # (listed twice after an early write below: harmless)
             self._dirty.append(conn)
+        if self._batches:
+            outbox.extend(self._pending_frames(conn))  # owed before this frame: keep their place
         outbox.append(frame)
         if len(outbox) >= COALESCE_MAX_FRAMES:
             conn.flush_outbox()
@@ -469,6 +469,8 @@ class Hub:
                     text = _joined(entries, False)
                 data = text
             transport = conn.transport
+            if transport.is_closing():  # aborted, connection_lost not run yet
+                continue
             transport.write(data)
             if transport.get_write_buffer_size() > limit:
                 slow.append(conn)

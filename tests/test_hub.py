@@ -49,12 +49,16 @@ class FakeTransport:
     def __init__(self) -> None:
         self.written: list[bytes] = []
         self.buffered = 0  # what get_write_buffer_size reports
+        self.closing = False  # what is_closing reports (aborted, connection_lost not run yet)
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
+
+    def is_closing(self) -> bool:
+        return self.closing
 
 
 class FakeProtocol:
@@ -243,6 +247,18 @@ async def test_a_member_past_the_outbound_bound_is_closed_and_others_still_writt
     await tick()
     assert conns[3].slow == 1 and len(conns[3].transport.written) == 1  # closed, then skipped
     assert all(len(c.transport.written) == 2 and c.slow == 0 for i, c in enumerate(conns) if i != 3)
+
+
+async def test_an_aborted_transport_is_not_written_before_connection_lost() -> None:
+    hub = Hub(MemoryBroker())
+    await hub.start()
+    gone, other = FakeConn("g"), FakeConn("o")
+    for conn in (gone, other):
+        await hub.subscribe(conn, "c")  # type: ignore[arg-type]
+    gone.transport.closing = True  # abort() ran; the protocol is still OPEN until connection_lost
+    await hub.publish("c", {"type": "x"})
+    await tick()
+    assert gone.transport.written == [] and len(other.transport.written) == 1
 
 
 async def test_frames_of_one_tick_are_joined_once_per_channel_and_written_once_per_socket() -> None:

@@ -60,6 +60,9 @@ class _FakeTransport:
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def is_closing(self) -> bool:
+        return False
+
 
 class Member:
     """What the hub touches on a connection (outbox and flush as in ``WsConnection``)."""
