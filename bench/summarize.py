@@ -12,15 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ORDER = ["switchboard", "nats", "nchan", "websockets", "ywebsocket"]
 
 
 def load(tag: str) -> dict[str, dict[str, Any]]:
-    """target -> {test -> summary}, newest file per (target, tag) and (target, tag-d)."""
+    """target -> {test -> {"trials", "summary"}}: every file of the tag (and tag-d) merged, so
+    interleaved rounds (bench/run_all.sh, one trial per file) count as one run."""
+    from fanout import summarize as summarize_trials
+
     out: dict[str, dict[str, Any]] = {}
     for suffix in (tag, f"{tag}-d"):
         for path in sorted(RESULTS.glob(f"fanout-*-{suffix}-2*.json")):
@@ -29,7 +35,13 @@ def load(tag: str) -> dict[str, dict[str, Any]]:
             tests = out.setdefault(name, {"_files": []})
             tests["_files"].append(path.name)
             for test, body in data["tests"].items():
-                tests[test] = body
+                merged = tests.setdefault(test, {"trials": [], "errors": []})
+                merged["trials"] += body["trials"]
+                merged["errors"] += body["errors"]
+    for tests in out.values():
+        for test, body in tests.items():
+            if test != "_files":
+                body["summary"] = summarize_trials(test, body["trials"])
     return out
 
 
@@ -122,7 +134,8 @@ def main() -> None:
         print(f"| {title} | " + " | ".join(cells) + " |")
     print()
     for name in names:
-        print(f"- {name}: " + ", ".join(results[name]["_files"]))
+        errors = [e for t, b in results[name].items() if t != "_files" for e in b["errors"]]
+        print(f"- {name}: {len(results[name]['_files'])} files; failed trials: {errors or 'none'}")
 
 
 if __name__ == "__main__":
