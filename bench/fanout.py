@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sb-reset", action="store_true", help="delete --sb-data-dir first (fresh devices)"
     )
     sb.add_argument(
+        "--sb-source",
+        default="",
+        metavar="DIR",
+        help="serve the relay/api/shared packages of another checkout (PYTHONPATH=DIR), e.g."
+        " a worktree of an older commit, for before/after figures from the same run",
+    )
+    sb.add_argument(
         "--sb-env",
         action="append",
         default=[],
@@ -371,8 +378,12 @@ def target(args: argparse.Namespace) -> Iterator[int | None]:
         with contextlib.ExitStack() as stack:
             if args.peer == "switchboard":
                 env["DATA_DIR"] = args.sb_data_dir
+                if args.sb_source:
+                    env["PYTHONPATH"] = str(Path(args.sb_source).resolve())
                 if args.sb_redis:
-                    stack.enter_context(private_redis(args.sb_redis, args.server_cpus))
+                    # Not pinned: it serves every worker, wherever they run.
+                    every_cpu = ",".join(str(c) for c in sorted(os.sched_getaffinity(0) | {0, 1}))
+                    stack.enter_context(private_redis(args.sb_redis, every_cpu))
                     env["REDIS_URL"] = f"redis://127.0.0.1:{args.sb_redis}/0"
             peer = stack.enter_context(Peer(args.peer, args.server_cpus, env=env))
             yield peer.pid
