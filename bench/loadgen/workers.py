@@ -67,11 +67,12 @@ class Commands:
 
 
 async def connect_counting(
-    spec: WorkerSpec, counters: Any, slot: int
+    spec: WorkerSpec, counters: Any, slot: int, opened: list[CountingSub] | None = None
 ) -> tuple[list[CountingSub], list[BaseException]]:
+    """Open the worker's sockets; each is appended to ``opened`` as soon as it is open."""
     adapter = ADAPTERS[spec.adapter](spec.payload_size)
     sem = asyncio.Semaphore(spec.concurrency)
-    opened: list[CountingSub] = []
+    opened = [] if opened is None else opened
 
     async def one(i: int, index: int) -> None:
         ch, k = divmod(index, spec.subs_per_channel)
@@ -99,9 +100,12 @@ async def connect_counting(
 
 
 async def keepalive(protos: list[Any], frame: bytes, every: float) -> None:
+    """Every socket of ``protos`` (a list that grows while connecting) sends ``frame`` every
+    ``every`` s: started before the first connect, because connecting 15,000 sockets may take
+    longer than a server's idle timeout (Switchboard: 2 x HEARTBEAT_S)."""
     while True:
         await asyncio.sleep(every)
-        for p in protos:
+        for p in list(protos):
             if p.transport is not None and not p.lost:
                 p.transport.write(frame)
 
@@ -114,8 +118,11 @@ async def _worker(conn: Connection, spec: WorkerSpec, counters: Any, slot: int) 
     try:
         if (await cmds.get(deadline - time.monotonic()))[0] != "go":
             return
+        adapter = ADAPTERS[spec.adapter]
+        if adapter.keepalive is not None:
+            ka = asyncio.create_task(keepalive(protos, adapter.keepalive, adapter.keepalive_s))
         t0 = time.perf_counter()
-        protos, failures = await connect_counting(spec, counters, slot)
+        _, failures = await connect_counting(spec, counters, slot, protos)
         elapsed = time.perf_counter() - t0
         conn.send(
             (
@@ -126,11 +133,6 @@ async def _worker(conn: Connection, spec: WorkerSpec, counters: Any, slot: int) 
                 repr(failures[0]) if failures else "",
             )
         )
-        adapter = ADAPTERS[spec.adapter]
-        if adapter.keepalive is not None:
-            ka = asyncio.create_task(
-                keepalive(list(protos), adapter.keepalive, adapter.keepalive_s)
-            )
         await cmds.get(max(0.0, deadline - time.monotonic()))
     finally:
         if ka is not None:
