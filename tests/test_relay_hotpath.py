@@ -15,7 +15,6 @@ import weakref
 from typing import Any
 
 import pytest
-
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
