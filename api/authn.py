@@ -54,7 +54,11 @@ def client_ip(request: web.Request) -> str:
 
 
 def invalid_token(message: str = "invalid credential") -> ApiError:
-    return ApiError(ErrorCode.INVALID_TOKEN, message, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return ApiError(
+        ErrorCode.INVALID_TOKEN,
+        message,
+        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+    )
 
 
 class Authenticator:
@@ -118,8 +122,11 @@ class Authenticator:
         now = now_ms()
         expires_at = row["expires_at"]
         if expires_at is not None and expires_at <= now:
-            raise ApiError(ErrorCode.TOKEN_EXPIRED, "API token expired",
-                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            raise ApiError(
+                ErrorCode.TOKEN_EXPIRED,
+                "API token expired",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
         last_used = row["last_used_at"]
         if last_used is None or now - last_used >= LAST_USED_GRANULARITY_MS:
             # The guard in WHERE keeps concurrent requests (and workers) to one write per minute.
@@ -130,7 +137,9 @@ class Authenticator:
                 now - LAST_USED_GRANULARITY_MS,
             )
         # Never more than the owner holds today: an operator removed from ADMIN_EMAILS loses admin.
-        scopes = frozenset(json.loads(row["scopes"])) & user_scopes(row["email"], self.services.settings.admin_email_set)
+        scopes = frozenset(json.loads(row["scopes"])) & user_scopes(
+            row["email"], self.services.settings.admin_email_set
+        )
         return Principal(
             kind="api_token",
             id=row["user_id"],
@@ -166,7 +175,9 @@ async def require_session(request: web.Request) -> Principal:
     """A user access JWT (it has a session): for logout, sessions and account changes."""
     principal = await require_principal(request)
     if principal.kind != "user" or principal.session_id is None:
-        raise ApiError(ErrorCode.FORBIDDEN, "this endpoint needs a user access token (from /auth/login)")
+        raise ApiError(
+            ErrorCode.FORBIDDEN, "this endpoint needs a user access token (from /auth/login)"
+        )
     return principal
 
 
@@ -177,8 +188,11 @@ async def require_account_manager(request: web.Request) -> Principal:
         return principal
     if principal.kind == "api_token" and principal.has_scope("admin"):
         return principal
-    raise ApiError(ErrorCode.FORBIDDEN, "needs a user access token or an API token with the 'admin' scope",
-                   {"scope": "admin"})
+    raise ApiError(
+        ErrorCode.FORBIDDEN,
+        "needs a user access token or an API token with the 'admin' scope",
+        {"scope": "admin"},
+    )
 
 
 async def require_user_id(request: web.Request) -> tuple[Principal, str]:

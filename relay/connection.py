@@ -202,15 +202,20 @@ class WsConnection(asyncio.Protocol):
         handler = self._state.handlers.get(message["type"])
         if handler is None:
             self.send(
-                error_frame(ErrorCode.VALIDATION_ERROR, f"unknown type {message['type'][:64]!r}",
-                            request_id_of(message))
+                error_frame(
+                    ErrorCode.VALIDATION_ERROR,
+                    f"unknown type {message['type'][:64]!r}",
+                    request_id_of(message),
+                )
             )
             return
         try:
             result = handler(self, message)
         except Exception:
             log.exception("handler for %r failed", message["type"])
-            self.send(error_frame(ErrorCode.INTERNAL_ERROR, "internal error", request_id_of(message)))
+            self.send(
+                error_frame(ErrorCode.INTERNAL_ERROR, "internal error", request_id_of(message))
+            )
             return
         if inspect.isawaitable(result):
             _ = self._state.spawn(self._await_handler(result, message))
@@ -220,7 +225,9 @@ class WsConnection(asyncio.Protocol):
             await result
         except Exception:
             log.exception("handler for %r failed", message["type"])
-            self.send(error_frame(ErrorCode.INTERNAL_ERROR, "internal error", request_id_of(message)))
+            self.send(
+                error_frame(ErrorCode.INTERNAL_ERROR, "internal error", request_id_of(message))
+            )
 
     # -- outbound -------------------------------------------------------------------------------
     def send(self, message: Message) -> None:

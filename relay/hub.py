@@ -27,7 +27,7 @@ import base64
 import json
 import logging
 import zlib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.hub")
 
 Message = dict[str, Any]
+Route = Callable[[str, Collection["WsConnection"], bytes], None]
 
 
 def _json_default(value: Any) -> Any:
@@ -103,6 +104,8 @@ class Hub:
         "_closed",
         "_dirty",
         "_flush_scheduled",
+        "routes",
+        "listeners",
     )
 
     def __init__(self, broker: Broker, *, shards: int = 64) -> None:
@@ -110,12 +113,19 @@ class Hub:
         # channel -> members; a dict keeps insertion order and O(1) removal.
         self._shards: list[dict[str, dict[WsConnection, None]]] = [{} for _ in range(shards)]
         self._channels_of: dict[WsConnection, set[str]] = {}  # for unsubscribe_all
-        self._asked: set[str] = set()  # channels the broker was asked to subscribe (and not since dropped)
+        self._asked: set[str] = (
+            set()
+        )  # channels the broker was asked to subscribe (and not since dropped)
         self._confirmed: set[str] = set()  # ... of which the broker confirmed the subscription
         self._syncing: dict[str, asyncio.Task[None]] = {}  # channel -> its reconciling task
         self._closed = False
         self._dirty: list[WsConnection] = []  # members with frames in their outbox
         self._flush_scheduled = False
+        # Channels whose messages are not hub envelopes: "kind:..." -> handler(channel, members,
+        # data). The inbox (relay.inbox) decides per socket what to send, so it takes over there.
+        self.routes: dict[str, Route] = {}
+        # Node-wide channels (no members: revocation notices): exact name -> handler(data).
+        self.listeners: dict[str, Callable[[bytes], None]] = {}
 
     async def start(self) -> None:
         await self.broker.start(self.on_broker_message)
@@ -213,7 +223,9 @@ class Hub:
         ``exclude_device``). With ``sequence_key`` the broker numbers it atomically with the
         publish, every node adds ``seq`` to the message, and the seq is returned."""
         if sequence_key is None:
-            await self.broker.publish(channel, pack_envelope(message, exclude_device, sequenced=False))
+            await self.broker.publish(
+                channel, pack_envelope(message, exclude_device, sequenced=False)
+            )
             return None
         body = pack_envelope(message, exclude_device, sequenced=True)
         return await self.broker.publish_sequenced(sequence_key, channel, body)
@@ -222,9 +234,22 @@ class Hub:
         """The last seq ``publish`` took from ``sequence_key`` (0 before the first)."""
         return await self.broker.sequence_head(sequence_key)
 
+    async def listen(self, channel: str, handler: Callable[[bytes], None]) -> None:
+        """Receive every message of ``channel`` on this node for as long as the hub runs."""
+        self.listeners[channel] = handler
+        await self.broker.subscribe(channel)
+
     def on_broker_message(self, channel: str, data: bytes) -> None:
+        listener = self.listeners.get(channel)
+        if listener is not None:
+            listener(data)
+            return
         members = self._shard(channel).get(channel)
         if not members:
+            return
+        route = self.routes.get(channel.partition(":")[0])
+        if route is not None:
+            route(channel, members.keys(), data)
             return
         try:
             message, exclude, seq = unpack_envelope(data)
@@ -235,7 +260,9 @@ class Hub:
             message["seq"] = seq
         self.broadcast(members, message, exclude)
 
-    def broadcast(self, members: Collection[WsConnection], message: Message, exclude: str | None = None) -> None:
+    def broadcast(
+        self, members: Collection[WsConnection], message: Message, exclude: str | None = None
+    ) -> None:
         """Queue ``message`` for every OPEN member, encoding it at most once per wire format.
 
         Synchronous, no await, no task per recipient (STYLE.md 7). Frames are appended to each
@@ -247,7 +274,9 @@ class Hub:
         binary_frame: bytes | None = None
         dirty = self._dirty
         for conn in members:
-            if conn.protocol.state is not OPEN or (exclude is not None and conn.device_id == exclude):
+            if conn.protocol.state is not OPEN or (
+                exclude is not None and conn.device_id == exclude
+            ):
                 continue
             if conn.codec.binary:
                 if binary_frame is None:

@@ -48,8 +48,13 @@ class RunningServer:
     """A listening server; ``close()`` drains it (safe to call more than once)."""
 
     def __init__(
-        self, settings: Settings, services: Services, app: web.Application,
-        runner: web.AppRunner, state: RelayState, server: asyncio.Server,
+        self,
+        settings: Settings,
+        services: Services,
+        app: web.Application,
+        runner: web.AppRunner,
+        state: RelayState,
+        server: asyncio.Server,
     ) -> None:
         self.settings = settings
         self.services = services
@@ -154,7 +159,10 @@ async def start_server(
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain within ``SHUTDOWN_TIMEOUT_S``."""
     running = await start_server(settings)
-    log.info("listening", extra={"host": settings.host, "port": running.port, "tls": bool(settings.tls_cert_file)})
+    log.info(
+        "listening",
+        extra={"host": settings.host, "port": running.port, "tls": bool(settings.tls_cert_file)},
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

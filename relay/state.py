@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay import refresh
 from relay.hub import Hub
-from relay.protocol import Message, hello_frame, pong_frame
+from relay.protocol import Message, pong_frame
 from relay.registry import ConnectionRegistry
 from shared.config import Settings
 from shared.services import Services
@@ -81,11 +81,6 @@ class RelayState:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("relay task failed", exc_info=task.exception())
-
-    def hello(self, conn: WsConnection) -> Message:
-        """The first frame of a ``/ws`` socket. ``cursor`` is the inbox head: 0 until the inbox exists."""
-        p = conn.principal
-        return hello_frame(conn.id, p.kind, p.id, conn.device_id, self.settings.heartbeat_s, cursor=0)
 
     # -- unfinished handshakes per client IP ----------------------------------------------------
     def acquire_handshake(self, ip: str) -> bool:

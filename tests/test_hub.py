@@ -434,7 +434,9 @@ async def join(server: Any, channel: str, device_id: str, *, binary: bool = Fals
         max_queue=None,
     )
     client = Client(ws, binary)
-    assert (await client.recv())["type"] == "hello"
+    hello = await client.recv()
+    assert hello["type"] == "hello"
+    assert await client.recv() == {"type": "synced", "cursor": hello["cursor"]}
     await client.send({"type": "test.join", "channel": channel})
     assert await client.recv() == {"type": "joined", "channel": channel}
     return client
@@ -469,11 +471,12 @@ async def test_closing_the_last_socket_releases_the_redis_subscription(
     try:
         a = await join(server, "room", "a")
         b = await join(server, "room", "b")
-        assert await channels(redis, redis_prefix) == {"room"}  # subscribed before `joined`
+        # Subscribed before `joined`; the user's inbox channel comes with every /ws socket.
+        assert await channels(redis, redis_prefix) == {"room", "inbox:u-1"}
         await a.ws.close()
         await server.state.hub.publish("room", {"type": "still"})
         assert await b.recv() == {"type": "still"}
-        assert await channels(redis, redis_prefix) == {"room"}
+        assert await channels(redis, redis_prefix) == {"room", "inbox:u-1"}
         await b.ws.close()
         await wait_until_channels(redis, redis_prefix, set())
         assert list(server.state.hub.local_members("room")) == []
@@ -544,7 +547,7 @@ async def test_hub_keeps_working_after_the_pubsub_connection_is_killed(
         while seen[-1] != i - 1:
             seen.append((await client.recv())["i"])
         assert seen == sorted(seen) and len(set(seen)) == len(seen)
-        assert await channels(redis, redis_prefix) == {"room"}
+        assert await channels(redis, redis_prefix) == {"room", "inbox:u-1"}
     finally:
         await redis.aclose()
         await client.ws.close()

@@ -24,7 +24,14 @@ from typing import Any
 import pytest
 
 from shared.codes import CloseCode
-from tests.test_ws_handshake import TIMEOUT, read_frame, shut, stub_authenticator, upgrade_request
+from tests.test_ws_handshake import (
+    TIMEOUT,
+    read_frame,
+    read_hello,
+    shut,
+    stub_authenticator,
+    upgrade_request,
+)
 
 # A small inbound limit so "too big" inputs stay small; the 100,000-fragment test uses the default.
 MAX_BYTES = 4096
@@ -155,8 +162,7 @@ async def open_socket(server: Any) -> tuple[asyncio.StreamReader, asyncio.Stream
     writer.write(upgrade_request("/ws?token=user"))
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
     assert head.startswith(b"HTTP/1.1 101 ")
-    opcode, payload = await read_frame(reader)
-    assert opcode == TEXT and json.loads(payload)["type"] == "hello"
+    await read_hello(reader)
     return reader, writer
 
 

@@ -160,7 +160,9 @@ class PostgresDatabase:
     async def _rollback(tx: Any) -> None:
         # The caller's exception is what matters; a rollback that fails (connection lost) must
         # not replace it, and the pool discards a broken connection on release anyway.
-        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        with contextlib.suppress(
+            asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError
+        ):
             await tx.rollback()
 
     async def ping(self) -> None:
@@ -177,7 +179,9 @@ class PostgresDatabase:
         with _map_errors():
             async with self._pool.acquire() as conn:
                 # Workers and nodes start together: one migrates, the others wait here.
-                await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"sb-migrate:{self.schema}")
+                await conn.execute(
+                    "SELECT pg_advisory_lock(hashtext($1))", f"sb-migrate:{self.schema}"
+                )
                 try:
                     await conn.execute(CREATE_TABLE)
                     done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
@@ -194,7 +198,9 @@ class PostgresDatabase:
                             )
                         applied.append(m.name)
                 finally:
-                    await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", f"sb-migrate:{self.schema}")
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(hashtext($1))", f"sb-migrate:{self.schema}"
+                    )
         return applied
 
     async def close(self) -> None:
