@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay.inbox_core import Decision, InboxCursor
 from relay.protocol import Message, error_frame, hello_frame, request_id_of
+from shared import idempotency, metrics
 from shared.clock import now_ms
 from shared.codes import CloseCode, ErrorCode
 from shared.errors import BackendUnavailable, StoreError
@@ -57,6 +58,7 @@ log = logging.getLogger("switchboard.inbox")
 
 EXTRAS_KEY = "relay.inbox"
 PRUNE_EVERY_S = 60.0
+DELIVERED_MAX = 100_000  # publish delivery times held between two flushes (statistics only)
 _PACING_WAIT_S = 0.005
 
 
@@ -98,6 +100,7 @@ class InboxDelivery:
         self.settings = state.settings
         self.readers: dict[WsConnection, _Reader] = {}
         self._dirty: dict[tuple[str, str], tuple[int, int]] = {}  # (user, device) -> (ack, seen)
+        self._delivered: dict[str, int] = {}  # publish message id -> first sent (unix ms)
         self._background: list[asyncio.Task[None]] = []
         state.handlers["ack"] = self.on_ack
         state.handlers["sync"] = self.on_sync
@@ -216,8 +219,16 @@ class InboxDelivery:
 
     def _send_entries(self, reader: _Reader, entries: list[Entry]) -> None:
         conn = reader.conn
+        now = now_ms()
         for entry in entries:
-            conn.send(entry.frame())
+            frame = entry.frame()
+            conn.send(frame)
+            if entry.event == "publish":
+                # First delivery time for GET /publish/stats, written with the acks.
+                message_id = frame["data"].get("message_id") if isinstance(frame["data"], dict) else None
+                if isinstance(message_id, str) and len(self._delivered) < DELIVERED_MAX:
+                    self._delivered.setdefault(message_id, now)
+            metrics.INBOX_LAG.observe(max(0.0, (now - entry.created_at) / 1000))
 
     async def publish_ephemeral(
         self, user_id: str, frame: Message, exclude_device: str | None = None
@@ -419,6 +430,15 @@ class InboxDelivery:
             self._dirty[key] = (max(ack, old[0]) if old else ack, now_ms())
 
     async def flush_acks(self) -> None:
+        if self._delivered:
+            delivered, self._delivered = self._delivered, {}
+            try:
+                await self.state.services.db.executemany(
+                    "UPDATE published_messages SET delivered_at = $2 WHERE id = $1 AND delivered_at IS NULL",
+                    list(delivered.items()),
+                )
+            except (BackendUnavailable, StoreError) as exc:
+                log.warning("publish delivery times not saved: %s", exc)  # statistics only
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, {}
@@ -457,6 +477,7 @@ class InboxDelivery:
         )
         if removed:
             log.info("inbox pruned %d entries", removed)
+        await idempotency.prune(self.state.services.db, now=now_ms(), ttl_ms=s.idempotency_ttl_s * 1000)
 
     async def _every(self, interval: float, job: Any) -> None:
         while True:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from api.app import create_app
+from relay import revocation
 from relay.handoff import HeadReader
 from relay.state import RelayState
 from shared.codes import CloseCode
@@ -130,6 +131,7 @@ async def start_server(
     loop = asyncio.get_running_loop()
     try:
         await state.hub.start()
+        await revocation.install(state)
     except BaseException:
         await runner.cleanup()
         await services.close()

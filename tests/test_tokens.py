@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from shared.config import Settings
+from shared.revocation import REVOKE_CHANNEL
 from shared.secrets import hash_token
 from tests.auth_helpers import ISO_UTC, Harness, running
 
@@ -69,9 +71,9 @@ async def test_token_lifecycle(hb: Harness) -> None:
     assert (await hb.ok("GET", "/tokens/current", secret))["name"] == "deploy"
 
     # Revocation: announced on the broker (sockets close) and refused at once.
-    notices: list[str] = []
-    await hb.services.broker.start(lambda channel, data: notices.append(channel))
-    await hb.services.broker.subscribe(f"revoke:token:{token_id}")
+    notices: list[tuple[str, Any]] = []
+    await hb.services.broker.start(lambda channel, data: notices.append((channel, json.loads(data))))
+    await hb.services.broker.subscribe(REVOKE_CHANNEL)
     resp = await hb.call("DELETE", f"/tokens/{token_id}", jwt)
     assert resp.status == 204 and await resp.read() == b""
     await hb.fails("GET", "/tokens/current", 401, "INVALID_TOKEN", secret)
@@ -82,7 +84,7 @@ async def test_token_lifecycle(hb: Harness) -> None:
         if notices:
             break
         await asyncio.sleep(0.01)
-    assert notices == [f"revoke:token:{token_id}"]
+    assert notices == [(REVOKE_CHANNEL, {"token": token_id})]
 
 
 async def test_scopes_are_checked(h: Harness) -> None:

@@ -38,7 +38,7 @@ from api.keys import SERVICES
 from api.openapi import errors, json_ok
 from api.pagination import Page
 from api.validation import Body, read_json
-from shared import audit
+from shared import audit, revocation
 from shared.clock import iso_ms, now_ms
 from shared.codes import ErrorCode
 from shared.config import Settings
@@ -384,6 +384,7 @@ async def refresh(request: web.Request) -> web.StreamResponse:
             new_refresh = await _issue_refresh(tx, settings, session_id, now)
             pair = _token_pair(services, await _fetch_user(tx, user_id), session_id, new_refresh)
     if pair is None:
+        await revocation.session_revoked(services, session_id)
         raise ApiError(
             ErrorCode.REFRESH_TOKEN_REUSED, "refresh token already used; the session is revoked"
         )
@@ -407,6 +408,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
             ip=client_ip(request),
             details={"session_id": principal.session_id},
         )
+    if principal.session_id is not None:
+        await revocation.session_revoked(services, principal.session_id)
     return ok(request, {})
 
 
@@ -481,6 +484,8 @@ async def patch_me(request: web.Request) -> web.StreamResponse:
                 details={"sessions_revoked": revoked},
             )
         user = await _fetch_user(tx, user_id)
+    if password_hash is not None:
+        await revocation.user_sessions_revoked(services, user_id, keep=principal.session_id)
     return ok(request, render_user(user))
 
 
@@ -559,6 +564,7 @@ async def delete_session(request: web.Request) -> web.StreamResponse:
             ip=client_ip(request),
             details={"session_id": session_id},
         )
+    await revocation.session_revoked(services, session_id)
     return ok(request, status=204)
 
 
@@ -634,6 +640,7 @@ async def reset_password(request: web.Request) -> web.StreamResponse:
             ip=client_ip(request),
             details={"sessions_revoked": revoked},
         )
+    await revocation.user_sessions_revoked(services, user_id)
     return ok(request, {})
 
 

@@ -11,7 +11,7 @@ from every endpoint.
 token, whatever its scopes); called with anything else it answers 404 ``NOT_FOUND``: there is
 no current token to show.
 
-Revoking publishes ``revoke:token:{id}`` on the broker so the sockets opened with the token close.
+Revoking announces it on the broker (``shared.revocation``): the sockets opened with the token close.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -30,13 +29,12 @@ from api.keys import SERVICES
 from api.openapi import errors, json_ok
 from api.pagination import Page
 from api.validation import Body, read_json
-from shared import audit
+from shared import audit, revocation
 from shared.clock import iso_ms, now_ms, parse_iso_ms
 from shared.codes import ErrorCode
-from shared.errors import ApiError, BackendUnavailable, validation_error
+from shared.errors import ApiError, validation_error
 from shared.principals import SCOPES, Principal
 from shared.secrets import hash_token, opaque_token
-from shared.services import Services
 from shared.store.base import Executor, Row
 
 routes = web.RouteTableDef()
@@ -129,15 +127,6 @@ async def _revoke(ex: Executor, token_id: str, user_id: str, ip: str) -> bool:
             ex, user_id=user_id, event="token.revoked", ip=ip, details={"token_id": token_id}
         )
     return done == 1
-
-
-async def _announce_revoked(services: Services, token_ids: Iterable[str]) -> None:
-    """Tell every node, so sockets opened with these tokens close (the relay subscribes)."""
-    for token_id in token_ids:
-        try:
-            await services.broker.publish(f"revoke:token:{token_id}", b"")
-        except BackendUnavailable as exc:
-            log.error("could not announce a token revocation: %s", exc)
 
 
 @routes.post(PREFIX)
@@ -258,7 +247,7 @@ async def delete_token(request: web.Request) -> web.StreamResponse:
     async with services.db.transaction() as tx:
         if not await _revoke(tx, token_id, str(principal.user_id), client_ip(request)):
             raise ApiError(ErrorCode.NOT_FOUND, "no such token")
-    await _announce_revoked(services, [token_id])
+    await revocation.tokens_revoked(services, [token_id])
     return ok(request, status=204)
 
 
@@ -271,7 +260,7 @@ async def revoke_tokens(request: web.Request) -> web.StreamResponse:
     ip = client_ip(request)
     async with services.db.transaction() as tx:
         revoked = [i for i in ids if await _revoke(tx, i, str(principal.user_id), ip)]
-    await _announce_revoked(services, revoked)
+    await revocation.tokens_revoked(services, revoked)
     return ok(request, {"revoked": revoked, "not_found": [i for i in ids if i not in revoked]})
 
 
