@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from tests.auth_helpers import PASSWORD
 
 TIMEOUT = 10.0
+ACK_EVERY_S = 0.02
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Device:
     others: list[dict[str, Any]] = field(default_factory=list)  # synced, reset, replies, errors ...
     processed: int = 0  # highest cursor processed (client-side dedupe)
     _reader: asyncio.Task[None] | None = None
+    _acker: asyncio.Task[None] | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -103,12 +105,20 @@ class Device:
                 self.arrived.append(asyncio.get_running_loop().time())
                 if frame["cursor"] > self.processed:
                     self.processed = frame["cursor"]
-                    if self.auto_ack:
-                        await self.ws.send(json.dumps({"type": "ack", "cursor": frame["cursor"]}))
+                    if self.auto_ack and self._acker is None:
+                        self._acker = asyncio.ensure_future(self._ack_soon())
         except ConnectionClosed:
             pass
         finally:
             self.closed.set()
+
+    async def _ack_soon(self) -> None:
+        # Acks are cumulative: one per ACK_EVERY_S for everything processed meanwhile, like the
+        # SDK (one ack per event would spend the socket's frame budget at high rates).
+        await asyncio.sleep(ACK_EVERY_S)
+        self._acker = None
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(json.dumps({"type": "ack", "cursor": self.processed}))
 
     def unique(self) -> list[dict[str, Any]]:
         """Events after client-side dedupe by cursor, in arrival order."""
