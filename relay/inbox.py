@@ -225,7 +225,9 @@ class InboxDelivery:
             conn.send(frame)
             if entry.event == "publish":
                 # First delivery time for GET /publish/stats, written with the acks.
-                message_id = frame["data"].get("message_id") if isinstance(frame["data"], dict) else None
+                message_id = (
+                    frame["data"].get("message_id") if isinstance(frame["data"], dict) else None
+                )
                 if isinstance(message_id, str) and len(self._delivered) < DELIVERED_MAX:
                     self._delivered.setdefault(message_id, now)
             metrics.INBOX_LAG.observe(max(0.0, (now - entry.created_at) / 1000))
@@ -477,7 +479,9 @@ class InboxDelivery:
         )
         if removed:
             log.info("inbox pruned %d entries", removed)
-        await idempotency.prune(self.state.services.db, now=now_ms(), ttl_ms=s.idempotency_ttl_s * 1000)
+        await idempotency.prune(
+            self.state.services.db, now=now_ms(), ttl_ms=s.idempotency_ttl_s * 1000
+        )
 
     async def _every(self, interval: float, job: Any) -> None:
         while True:

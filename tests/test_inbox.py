@@ -4,28 +4,9 @@ with real users, API tokens, POST /publish and sockets, on SQLite and on Postgre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
-import pytest
-
-from shared.config import Settings
-from tests.inbox_helpers import Account, Api, Device
-
-# Limits raised so the tests' own traffic is not rate limited; re-sends fast so waits are short.
-FAST = {"rate_publish": "100000/1", "publish_burst": 100000, "ack_timeout_s": 0.2, "ack_timeout_max_s": 1.6,
-        "inbox_ack_flush_s": 0.1, "max_handshakes_per_ip": 1000, "ws_rate": "10000/1", "ws_burst": 10000, "rate_ws_connect": "1000/60"}
-
-
-@pytest.fixture
-async def node(server_factory: Any, backend_settings: Settings) -> AsyncIterator[tuple[Any, Api, str]]:
-    settings = backend_settings
-    import dataclasses
-
-    server = await server_factory(dataclasses.replace(settings, **FAST))
-    async with aiohttp.ClientSession() as http:
-        yield server, Api(http, f"http://127.0.0.1:{server.port}"), f"ws://127.0.0.1:{server.port}"
+from tests.inbox_helpers import Account, Device
 
 
 async def test_three_devices_one_offline_all_end_with_every_event_in_order(node: Any) -> None:

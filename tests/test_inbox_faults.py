@@ -25,11 +25,11 @@ import pytest
 from shared.config import Settings
 from shared.inbox.store import NewEntry
 from shared.inbox.writer import writer_for
+from tests.fixtures.inbox import FAST
 from tests.fixtures.server import free_port
 from tests.inbox_helpers import Api, Device
 from tests.test_broker import RedisServer
 from tests.test_cli import ROOT, SWITCHBOARD, _env, _wait_healthy
-from tests.test_inbox import FAST
 
 pytestmark = pytest.mark.slow
 
