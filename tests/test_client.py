@@ -204,6 +204,28 @@ async def test_a_restarted_client_resumes_from_its_file_store(relay_server: Any,
             assert (await next_item(b2)).seq == later
 
 
+async def test_without_auto_ack_only_what_the_application_marks_is_checkpointed(relay_server: Any) -> None:
+    book, (a_key, b_key) = await book_with(relay_server, 2)
+    store = MemoryCursorStore()
+    handled: list[int] = []
+    async with BookClient(url_of(relay_server), book, token=a_key.token) as a:
+        b = BookClient(url_of(relay_server), book, token=b_key.token, store=store, auto_ack=False)
+        await a.wait_ready(T)
+        await b.wait_ready(T)
+        seqs = [await asyncio.wait_for(a.send_op(f"op {i}".encode()), T) for i in range(3)]
+
+        async def handler(op: Op) -> None:
+            handled.append(op.seq)
+            if op.seq == seqs[1]:
+                b.processed(op)  # the application committed up to here
+            if len(handled) == 3:
+                await b.close()
+
+        await asyncio.wait_for(b.run(handler), T)
+    assert handled == seqs
+    assert store.positions == {f"book:{book}": seqs[1]}
+
+
 async def test_the_token_must_be_a_getter(relay_server: Any) -> None:
     with pytest.raises(TypeError, match="function"):
         BookClient(url_of(relay_server), "book", token="a-token-string")  # type: ignore[arg-type]

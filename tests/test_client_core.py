@@ -427,7 +427,7 @@ def test_ops_are_sent_with_ids_after_presence_and_settled_by_their_ack() -> None
     book = BookProtocol()
     book.connection_made()
     a = book.send_op(b"one", timestamp=1)
-    b = book.send_op(b"two", op_id="mine", timestamp=2)
+    assert book.send_op(b"two", op_id="mine", timestamp=2) == "mine"
     assert book.frames_to_send() == []  # before the first frame: wait
     events = feed(book, presence("me", "other"))
     assert kinds(events) == ["Notice"] and book.online == ["me", "other"]

@@ -297,6 +297,10 @@ class _Client(Generic[CoreT, ItemT]):
         self._available.set()
         self._space.set()
         self._end.set()
+        pump = self._pump_task
+        if pump is not None and pump is not asyncio.current_task():
+            # Nothing more to send; close() still flushes the last checkpoint to the store itself.
+            pump.cancel()
 
     # -- the application's side -----------------------------------------------------------------
     def __aiter__(self) -> AsyncIterator[ItemT]:
