@@ -366,3 +366,115 @@ async def test_4001_at_expiry_reconnects_with_a_fresh_token_from_the_getter(user
         assert len(tokens.handed) == inbox.connections  # asked once per connection
         assert conn.principal.exp == exp_of(tokens.handed[-1]) > first_exp
         assert (await inbox.ping(timeout=T))["type"] == "pong"
+
+
+# -- the durable inbox, end to end (events published over REST: POST /publish) ------------------------
+
+
+class GatedUser:
+    """A user's access token as a getter; ``close_gate()`` holds the next connection back (the
+    client stays offline, deterministically, until ``open_gate()``)."""
+
+    def __init__(self, access: str) -> None:
+        self.access = access
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.calls = 0
+
+    def close_gate(self) -> None:
+        self.gate.clear()
+
+    def open_gate(self) -> None:
+        self.gate.set()
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        await self.gate.wait()
+        return self.access
+
+
+@pytest.fixture
+async def inbox_api(server_factory: Any, make_settings: Any) -> Any:
+    server = await server_factory(make_settings())
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, server.port)
+        login = await api.signup("ada@example.com")
+
+        async def publish(data: Any) -> int:
+            async with http.post(f"{api.base}/publish", json={"type": "note", "data": data},
+                                 headers={"Authorization": f"Bearer {login['access_token']}"}) as resp:
+                answer = await resp.json()
+                assert resp.status == 202, answer
+                return int(answer["data"]["cursor"])
+
+        yield server, GatedUser(login["access_token"]), publish
+
+
+def abort(client: Any) -> None:
+    ws = client._ws
+    assert ws is not None
+    ws.transport.abort()
+
+
+async def test_inbox_device_resumes_after_a_drop_with_every_event_once(inbox_api: Any) -> None:
+    server, tokens, publish = inbox_api
+    store = MemoryCursorStore()
+    # Acks are held back (long delay, big batch): the server must replay everything after a drop.
+    async with InboxClient(url_of(server), token=tokens, device_id="laptop", store=store, policy=fast(),
+                           ack_delay=60, ack_batch=1000) as inbox:
+        await inbox.wait_synced(T)
+        cursors = [await publish({"n": i}) for i in range(3)]
+        got = [await next_item(inbox) for _ in range(3)]
+        assert [(e.event, e.cursor, e.data["data"]) for e in got] == \
+            [("publish", c, {"n": i}) for i, c in enumerate(cursors)]
+
+        tokens.close_gate()
+        abort(inbox)  # nothing acked yet
+        await wait_for(lambda: not inbox.connected and tokens.calls == 2, T)
+        missed = [await publish({"n": i}) for i in range(3, 5)]
+        tokens.open_gate()
+        got += [await next_item(inbox) for _ in range(2)]  # the replay of 1-3 was dropped as dupes
+        assert [e.cursor for e in got] == cursors + missed
+        assert [e.data["data"]["n"] for e in got] == list(range(5))
+        assert inbox.connections == 2
+    # A clean close acks (and saves) what was processed.
+    assert store.positions == {"inbox:laptop": missed[-1]}
+
+    # The next run of the same device: nothing old again, only what is new.
+    async with InboxClient(url_of(server), token=tokens, device_id="laptop", store=store) as again:
+        await again.wait_synced(T)
+        latest = await publish({"n": 5})
+        event = await next_item(again)
+        assert (event.cursor, event.data["data"]) == (latest, {"n": 5})
+
+
+async def test_inbox_session_syncs_from_its_cursor_after_a_drop(inbox_api: Any) -> None:
+    server, tokens, publish = inbox_api
+    async with InboxClient(url_of(server), token=tokens, policy=fast()) as session:  # no device_id
+        await session.wait_synced(T)
+        first = await publish("one")
+        assert (await next_item(session)).cursor == first
+        tokens.close_gate()
+        abort(session)
+        await wait_for(lambda: not session.connected and tokens.calls == 2, T)
+        missed = [await publish(text) for text in ("two", "three")]
+        tokens.open_gate()  # the new socket starts live at hello: only a sync brings these back
+        got = [await next_item(session) for _ in range(2)]
+        assert [(e.cursor, e.data["data"]) for e in got] == list(zip(missed, ("two", "three"), strict=True))
+        live = await publish("four")
+        assert (await next_item(session)).cursor == live
+
+
+async def test_inbox_filter_and_explicit_sync(inbox_api: Any) -> None:
+    server, tokens, publish = inbox_api
+    async with InboxClient(url_of(server), token=tokens, device_id="desk", filter=["task.*"]) as inbox:
+        await inbox.wait_synced(T)
+        await publish("filtered out")  # a publish event: not a task.* event
+        await inbox.set_filter(["publish"])
+        shown = await publish("shown")
+        event = await next_item(inbox)
+        assert (event.cursor, event.data["data"]) == (shown, "shown")
+        await inbox.sync(0)  # a replay of everything: all of it is a duplicate by now
+        await inbox.wait_synced(T)
+        last = await publish("after the sync")
+        assert (await next_item(inbox)).cursor == last

@@ -594,6 +594,14 @@ class InboxProtocol(_Stream):
         """Where this client is: the highest cursor handed out (or where it started)."""
         return self.delivered if self.delivered is not None else self.origin
 
+    @property
+    def sync_position(self) -> int | None:
+        """What ``sync`` sends: the last processed cursor that is already checkpointed (the server
+        takes a ``sync`` cursor as acked, so it must never run ahead of the store), else where
+        this client started. Events above it that were handed out already come again and are
+        dropped as duplicates."""
+        return self.committed if self.committed is not None else self.origin
+
     def set_filter(self, patterns: Sequence[str] | None) -> None:
         """Narrow delivery to ``patterns`` (``["task.*", "publish"]``); None: everything."""
         self.filter = None if patterns is None else tuple(patterns)
@@ -601,8 +609,8 @@ class InboxProtocol(_Stream):
             self._out.append({"type": "filter", "events": list(self.filter)})
 
     def sync(self, cursor: int | None = None) -> None:
-        """Ask for a replay of everything after ``cursor`` (default: our position)."""
-        cursor = self.position if cursor is None else cursor
+        """Ask for a replay of everything after ``cursor`` (default: ``sync_position``)."""
+        cursor = self.sync_position if cursor is None else cursor
         if self.ready and cursor is not None:
             self._out.append({"type": "sync", "cursor": cursor})
 
@@ -644,7 +652,7 @@ class InboxProtocol(_Stream):
         self._became_ready()
         if self.filter is not None:
             self._out.append({"type": "filter", "events": list(self.filter)})
-        position = self.position
+        position = self.sync_position
         if self.sync_on_connect and position is not None and (head is None or position < head):
             self._out.append({"type": "sync", "cursor": position})
         if self.committed is not None:
