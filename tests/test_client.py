@@ -25,6 +25,7 @@ import pytest
 from relay.client import (
     BookClient,
     ClientClosed,
+    ConnectionTerminated,
     FileCursorStore,
     HandshakeRejected,
     InboxClient,
@@ -478,3 +479,22 @@ async def test_inbox_filter_and_explicit_sync(inbox_api: Any) -> None:
         await inbox.wait_synced(T)
         last = await publish("after the sync")
         assert (await next_item(inbox)).cursor == last
+
+
+async def test_a_revoked_token_stops_the_client_with_1008(inbox_api: Any) -> None:
+    server, user, _ = inbox_api
+    api_base = f"http://127.0.0.1:{server.port}/api/v1"
+    headers = {"Authorization": f"Bearer {user.access}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{api_base}/tokens", json={"name": "sdk", "scopes": ["subscribe"]},
+                             headers=headers) as resp:
+            created = (await resp.json())["data"]
+        inbox = InboxClient(url_of(server), token=lambda: created["token"], device_id="cli", policy=fast())
+        await inbox.wait_synced(T)
+        async with http.delete(f"{api_base}/tokens/{created['id']}", headers=headers) as resp:
+            assert resp.status == 204
+        with pytest.raises(ConnectionTerminated) as info:
+            await asyncio.wait_for(inbox.__anext__(), T)
+        assert info.value.code == 1008
+        assert inbox.closed and inbox.connections == 1  # revoked: no reconnect attempt
+        await inbox.close()
