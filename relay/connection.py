@@ -6,6 +6,21 @@ right there, following websockets' ritual (STYLE.md 2):
     receive_data -> events_received -> send data_to_send (always: the protocol answers pings and
     close frames by itself) -> arm the close deadline if close_expected() -> dispatch events.
 
+While the socket is OPEN, ``data_received`` hands the protocol one frame at a time
+(``frame_length``), so every frame is dispatched before the protocol parses the next: websockets'
+``receive_data`` would otherwise parse a whole read, answer (or fail on) a close or a bad frame
+near its end, and leave the frames before it to be dispatched after our close frame. The
+ordering that gives, exactly as if each frame had arrived in a read of its own:
+
+* a message before the client's close frame is dispatched while the socket is still OPEN, so a
+  synchronous answer (``pong``, an ``error`` frame) goes out before our close frame; an answer
+  that needs an ``await`` (store, broker) and finishes after the close frame is dropped by
+  ``send``: RFC 6455 5.5.1 forbids data frames after a Close. The request itself was received
+  and acted on; a client that wants the answer waits for it before closing.
+* a frame that fails the connection (invalid UTF-8: 1007, or the protocol's own 1002/1009)
+  stops everything after it, a client close frame included: the close code is the failure's,
+  and websockets discards the rest of the stream (RFC 6455 7.1.7).
+
 Timers, not tasks: one ``call_later`` handle drives the server ping every ``heartbeat_s`` and
 closes a socket silent for ``2 x heartbeat_s``; another aborts a transport whose peer does not
 finish the closing handshake.
@@ -47,6 +62,29 @@ SLOW_CLOSE_TIMEOUT_S = 1.0
 _DATA_OPCODES = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
 
 
+def frame_length(data: bytes, start: int = 0) -> int | None:
+    """Bytes of the frame starting at ``data[start]``, header included (RFC 6455 5.2); None while
+    its length field is incomplete. Only the length is read: validating the frame is the protocol's
+    job (a 64-bit length with its top bit set gives a huge size, which the protocol refuses)."""
+    available = len(data) - start
+    if available < 2:
+        return None
+    second = data[start + 1]
+    n = second & 0x7F
+    size = 6 if second & 0x80 else 2  # the masking key follows the length fields
+    if n == 126:
+        if available < 4:
+            return None
+        n = int.from_bytes(data[start + 2:start + 4], "big")
+        size += 2
+    elif n == 127:
+        if available < 10:
+            return None
+        n = int.from_bytes(data[start + 2:start + 10], "big")
+        size += 8
+    return size + n
+
+
 class WsConnection(asyncio.Protocol):
     # __slots__: one of these per socket, and a worker holds tens of thousands (STYLE.md hot path).
     __slots__ = (
@@ -63,6 +101,8 @@ class WsConnection(asyncio.Protocol):
         "_close_deadline",
         "_bucket",
         "_warned",
+        "_frame_left",
+        "_head",
         "_fragments",
         "_fragment_text",
         "outbox",
@@ -93,6 +133,10 @@ class WsConnection(asyncio.Protocol):
         rate = RateSpec.parse(state.settings.ws_rate)
         self._bucket = TokenBucket(rate.count / rate.period_s, state.settings.ws_burst, now)
         self._warned = False
+        # Splitting reads into frames (data_received): bytes left of the frame being fed, and the
+        # start of a frame whose length field has not fully arrived yet.
+        self._frame_left = 0
+        self._head = b""
         self._fragments: list[bytes] = []
         self._fragment_text = False
         # Prebuilt hub frames waiting for this tick's flush (Hub.broadcast coalesces them into one
@@ -147,6 +191,29 @@ class WsConnection(asyncio.Protocol):
     # -- inbound --------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self._last_rx = self._loop.time()
+        if self._head:  # a frame whose length field was cut by the previous read
+            data = self._head + data
+            self._head = b""
+        start, end = 0, len(data)
+        while start < end:
+            if not self.open:
+                # Closing: nothing is dispatched any more (frames after a close are discarded, RFC
+                # 6455 1.4), so the protocol may parse the rest at once.
+                self._receive(data[start:] if start else data)
+                return
+            if self._frame_left == 0:
+                size = frame_length(data, start)
+                if size is None:
+                    self._head = data[start:]  # at most 9 bytes
+                    return
+                self._frame_left = size
+            stop = min(end, start + self._frame_left)
+            self._frame_left -= stop - start
+            self._receive(data if start == 0 and stop == end else data[start:stop])
+            start = stop
+
+    def _receive(self, data: bytes) -> None:
+        """The ritual (STYLE.md 2) for bytes holding at most one frame while OPEN."""
         self.protocol.receive_data(data)
         events = self.protocol.events_received()
         self._send_data()

@@ -136,6 +136,31 @@ CASES: dict[str, Case] = {
     # 1.4 / 5.5.1: after a close frame, the rest of the stream is discarded (no pong below).
     "close_then_trailing": Case(frame(CLOSE, close_payload(1000)) + frame(TEXT, PING_MESSAGE), 1000),
     "close_4001_echoed": Case(frame(CLOSE, close_payload(4001, b"bye")), 4001),
+    # Frames before a close or a bad frame are handled as if each had come in a read of its own,
+    # also when they share one: the message is answered before the close frame (the pong comes
+    # first), and a failure before the client's close is the close code. Autobahn 3.2, 4.1.3,
+    # 4.2.3 and 5.15 in particular (a valid message, then a bad frame, in one chunk).
+    "message_then_close": Case(frame(TEXT, PING_MESSAGE) + frame(CLOSE, close_payload(1000)), 1000, replies=1),
+    "messages_then_close_4001": Case(frame(TEXT, PING_MESSAGE) * 3 + frame(CLOSE, close_payload(4001)), 4001,
+                                     replies=3),
+    "fragmented_message_then_close": Case(fragments(TEXT, PING_MESSAGE, 4) + frame(CLOSE, close_payload(1000)),
+                                          1000, replies=1),
+    "message_then_rsv2": Case(frame(TEXT, PING_MESSAGE) + frame(TEXT, PING_MESSAGE, rsv=0b010) + frame(PING, b""),
+                              PROTOCOL_ERROR, replies=1),
+    "message_then_reserved_data_opcode": Case(frame(TEXT, PING_MESSAGE) + frame(0x3, b"x") + frame(PING, b""),
+                                              PROTOCOL_ERROR, replies=1),
+    "message_then_reserved_control_opcode": Case(frame(TEXT, PING_MESSAGE) + frame(0xD, b"x") + frame(PING, b""),
+                                                 PROTOCOL_ERROR, replies=1),
+    "fragmented_message_then_continuation_without_start": Case(
+        fragments(TEXT, PING_MESSAGE, 8) + frame(CONT, b"x", fin=False) + frame(TEXT, PING_MESSAGE),
+        PROTOCOL_ERROR, replies=1,
+    ),
+    "invalid_utf8_then_close": Case(frame(TEXT, b'{"type":"\xff"}') + frame(CLOSE, close_payload(1000)),
+                                    INVALID_DATA),
+    "message_then_invalid_utf8_then_close": Case(
+        frame(TEXT, PING_MESSAGE) + frame(TEXT, b'{"type":"\xff"}') + frame(CLOSE, close_payload(1000)),
+        INVALID_DATA, replies=1,
+    ),
 }
 
 # After the case: a valid message the server must not answer, a close and junk. The close is
@@ -189,24 +214,9 @@ async def outcome(reader: asyncio.StreamReader) -> tuple[list[tuple[int, bytes]]
     return before, code, payload[2:]
 
 
-# relay/connection.py dispatches a read's frames only after the protocol parsed all of it, and
-# drops data frames once the state is no longer OPEN. So when the client's close frame arrives in
-# the same read as an invalid text message, the UTF-8 check never runs and the close is echoed
-# with 1000 instead of failing with 1007 (the same path drops a valid message sent right before a
-# close). Strict: these turn into failures once connection.py checks frames received before the
-# close, and the marker must go.
-DISPATCH_AFTER_CLOSE = pytest.mark.xfail(
-    strict=True, reason="connection.py skips frames that arrive in the same read as a close frame"
-)
-
-
 def case_params() -> list[Any]:
-    params = []
-    for name in sorted(CASES):
-        for mode in ("whole", "bytewise", "trailing"):
-            broken = mode == "trailing" and CASES[name].close == INVALID_DATA and not name.startswith("close_")
-            params.append(pytest.param(name, mode, id=f"{name}-{mode}", marks=[DISPATCH_AFTER_CLOSE] if broken else []))
-    return params
+    return [pytest.param(name, mode, id=f"{name}-{mode}") for name in sorted(CASES)
+            for mode in ("whole", "bytewise", "trailing")]
 
 
 @pytest.mark.parametrize(("name", "mode"), case_params())
@@ -325,3 +335,27 @@ async def test_100k_tiny_fragments_over_the_limit_close_1009(server_factory: Any
     await shut(writer)
     assert code == TOO_BIG and before == []
     await wait_until(lambda: len(server.state.registry) == 0)
+
+
+# -- answers that would come after the close frame -----------------------------------------------
+
+
+async def test_a_message_before_the_close_is_dispatched_but_a_late_answer_is_not_written(server: Any) -> None:
+    """The handler of a message that shares a read with the client's close runs; an answer that
+    needs an await comes after our close frame and is dropped (RFC 6455 5.5.1), never written."""
+    answered = asyncio.Event()
+    seen: list[Any] = []
+
+    async def slow(conn: Any, message: dict[str, Any]) -> None:
+        seen.append(message)
+        await asyncio.sleep(0)  # any await: the close frame has been echoed by now
+        conn.send({"type": "late"})
+        answered.set()
+
+    server.state.handlers["slow"] = slow
+    reader, writer = await open_socket(server)
+    await feed(writer, frame(TEXT, b'{"type":"slow","n":1}') + frame(CLOSE, close_payload(1000)), "whole")
+    before, code, _ = await outcome(reader)  # also: nothing after the close frame
+    await asyncio.wait_for(answered.wait(), TIMEOUT)
+    await shut(writer)
+    assert (code, before, seen) == (1000, [], [{"type": "slow", "n": 1}])
