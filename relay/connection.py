@@ -17,9 +17,15 @@ ordering that gives, exactly as if each frame had arrived in a read of its own:
   that needs an ``await`` (store, broker) and finishes after the close frame is dropped by
   ``send``: RFC 6455 5.5.1 forbids data frames after a Close. The request itself was received
   and acted on; a client that wants the answer waits for it before closing.
-* a frame that fails the connection (invalid UTF-8: 1007, or the protocol's own 1002/1009)
-  stops everything after it, a client close frame included: the close code is the failure's,
-  and websockets discards the rest of the stream (RFC 6455 7.1.7).
+* a frame that fails the connection (invalid UTF-8: 1007, too many fragments: 1009, or the
+  protocol's own 1002/1009) stops everything after it, a client close frame included: the close
+  code is the failure's, and websockets discards the rest of the stream (RFC 6455 7.1.7).
+
+Fragments are reassembled into one ``bytearray`` (not a list of ``bytes``: a megabyte of one-byte
+fragments would be a million objects), at most ``WS_MAX_FRAGMENTS`` frames per message, text
+checked for UTF-8 as each fragment arrives (fail fast). Every data frame, fragment or not, takes a
+token of the inbound rate budget (realtime.md: frames per second): a message split into n frames
+costs n parses, so it costs n tokens. Control frames are answered by the protocol and do not count.
 
 Timers, not tasks: one ``call_later`` handle drives the server ping every ``heartbeat_s`` and
 closes a socket silent for ``2 x heartbeat_s``; another aborts a transport whose peer does not
@@ -32,6 +38,7 @@ own types there and attaches to ``on_open`` / ``on_close``.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import inspect
 import logging
 import os
@@ -60,6 +67,7 @@ CLOSE_TIMEOUT_S = 3.0
 # WS_OUTBOUND_LIMIT_BYTES of memory for that whole time.
 SLOW_CLOSE_TIMEOUT_S = 1.0
 _DATA_OPCODES = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
 def frame_length(data: bytes, start: int = 0) -> int | None:
@@ -104,7 +112,10 @@ class WsConnection(asyncio.Protocol):
         "_frame_left",
         "_head",
         "_fragments",
+        "_fragment_count",
         "_fragment_text",
+        "_dropping",
+        "_utf8",
         "outbox",
     )
 
@@ -137,8 +148,13 @@ class WsConnection(asyncio.Protocol):
         # start of a frame whose length field has not fully arrived yet.
         self._frame_left = 0
         self._head = b""
-        self._fragments: list[bytes] = []
+        # The fragmented message being reassembled (None between messages), its frame count, its
+        # type, whether it is being dropped (over the rate budget), and its UTF-8 check.
+        self._fragments: bytearray | None = None
+        self._fragment_count = 0
         self._fragment_text = False
+        self._dropping = False
+        self._utf8: codecs.IncrementalDecoder | None = None
         # Prebuilt hub frames waiting for this tick's flush (Hub.broadcast coalesces them into one
         # write per socket per tick). Flushed before anything else is written, so order holds.
         self.outbox: list[bytes] = []
@@ -228,25 +244,57 @@ class WsConnection(asyncio.Protocol):
         # traffic for the heartbeat but not against the message budget.
         if frame.opcode not in _DATA_OPCODES or not self.open:
             return
-        if frame.opcode is not Opcode.CONT:
+        if frame.opcode is not Opcode.CONT:  # the first frame of a message
             self._fragment_text = frame.opcode is Opcode.TEXT
-        if not frame.fin:
-            self._fragments.append(bytes(frame.data))  # the protocol bounds the total by max_size
-            return
-        data = bytes(frame.data)
-        if self._fragments:
-            self._fragments.append(data)
-            data = b"".join(self._fragments)
-            self._fragments.clear()
+            self._fragment_count = 1
+            self._dropping = False
+        else:
+            self._fragment_count += 1
+            if self._fragment_count > self._state.settings.ws_max_fragments:
+                # 1009, not 1008: the message is too big to process, counted in frames instead of
+                # bytes. RFC 6455 7.4.1 keeps 1008 for when nothing more specific fits, and our
+                # contract reads 1008 as "credential revoked", which tells a client to drop it.
+                self._fail_message(CloseCode.TOO_BIG, "too many fragments")
+                return
         if not self._admit():
+            # Over the budget: the whole message is dropped. Its remaining fragments are still
+            # read, counted and charged (a second excess in a row closes 4029), but not kept.
+            self._dropping = True
+            self._fragments = self._utf8 = None
+            return
+        if self._dropping:
+            return
+        data = frame.data
+        if frame.fin and self._fragments is None:  # unfragmented, the common case: no copy
+            payload = data if isinstance(data, bytes) else bytes(data)  # the parser gives bytes
+            if self._fragment_text:
+                try:
+                    payload.decode()
+                except UnicodeDecodeError as exc:
+                    self._fail_message(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                    return
+            self._on_message(payload)
             return
         if self._fragment_text:
+            if self._utf8 is None:
+                self._utf8 = _utf8_decoder()
             try:
-                data.decode()
+                self._utf8.decode(data, frame.fin)  # fails at the fragment that breaks UTF-8
             except UnicodeDecodeError as exc:
-                self.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                self._fail_message(CloseCode.INVALID_DATA, f"{exc.reason} in fragment {self._fragment_count}")
                 return
-        self._on_message(data)
+        if self._fragments is None:
+            self._fragments = bytearray(data)  # the protocol bounds the total by max_size
+        else:
+            self._fragments += data
+        if frame.fin:
+            message = bytes(self._fragments)
+            self._fragments = self._utf8 = None
+            self._on_message(message)
+
+    def _fail_message(self, code: CloseCode, reason: str) -> None:
+        self._fragments = self._utf8 = None
+        self.fail(code, reason)
 
     def _admit(self) -> bool:
         """Inbound rate limit: an error frame on the first excess, 4029 if the flood goes on."""
