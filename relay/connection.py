@@ -97,7 +97,7 @@ class WsConnection(asyncio.Protocol):
     # __slots__: one of these per socket, and a worker holds tens of thousands (STYLE.md hot path).
     __slots__ = (
         "id",
-        "principal",
+        "_principal",
         "device_id",
         "codec",
         "protocol",
@@ -133,7 +133,7 @@ class WsConnection(asyncio.Protocol):
         self.protocol = protocol
         self.transport = transport
         self.id = connection_id
-        self.principal = principal
+        self._principal = principal
         self.device_id = device_id
         self.codec = codec
         self._loop = asyncio.get_running_loop()
@@ -172,10 +172,25 @@ class WsConnection(asyncio.Protocol):
         for hook in self._state.on_open:
             hook(self)
         self._schedule_heartbeat(self._state.settings.heartbeat_s)
+        if self._state.draining:
+            # Upgraded while the drain was walking the registry (the credential check awaits):
+            # its shard may be done already, so this socket says 1001 itself.
+            self.close(CloseCode.GOING_AWAY)
 
     @property
     def open(self) -> bool:
         return self.protocol.state is OPEN
+
+    @property
+    def principal(self) -> Principal:
+        return self._principal
+
+    @principal.setter
+    def principal(self, principal: Principal) -> None:
+        # A live refresh may bring another token or session of the same principal (relay.refresh):
+        # the registry's revocation indexes must follow, or revoking the new token would miss us.
+        old, self._principal = self._principal, principal
+        self._state.registry.reindex(self, old)  # a no-op until start() and after connection_lost
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.receive_eof()  # idempotent; moves the protocol to CLOSED
