@@ -5,7 +5,8 @@
 .close()`` is the drain of README.md "Operations", idempotent:
 
 1. stop accepting; heads completed from now on get 503, unfinished ones are closed;
-2. every open socket gets close 1001 (reconnect elsewhere), stragglers are aborted;
+2. every open socket gets close 1001 (reconnect elsewhere), one registry shard per loop iteration;
+   sockets still open after half the remaining budget are aborted;
 3. aiohttp finishes in-flight requests and runs its cleanup contexts (mail flush and the like);
 4. the services (store, broker, limiter, blobs) close.
 
@@ -83,7 +84,9 @@ class RunningServer:
         self.server.close()
         for reader in list(state.pending):
             reader.close()
-        state.registry.close_all(CloseCode.GOING_AWAY)
+        # Shard by shard, yielding to the loop in between (relay.registry): with tens of
+        # thousands of sockets the close frames already written go out while the rest are closed.
+        await state.registry.close_all(CloseCode.GOING_AWAY)
         # Half the budget for the closing handshakes, the rest for aiohttp and the backends.
         if not await state.registry.wait_empty(max(0.1, (deadline - loop.time()) / 2)):
             state.registry.abort_all()

@@ -213,7 +213,19 @@ class Settings:
     ws_max_frame_bytes: int = _s(
         "WS_MAX_FRAME_BYTES", 1048576, "Inbound WebSocket message limit (close 1009 above)."
     )
-    ws_rate: str = _s("WS_RATE", "200/1", "Inbound frames per connection per second.")
+    # 256 fragments: a 1 MiB message in 4 KiB chunks. Below WS_BURST on purpose: every fragment
+    # takes a rate token, so a message within this bound also fits a full bucket, and one split
+    # too finely gets 1009 (do not resend it) instead of 4029 (pause, then resend: a retry loop).
+    ws_max_fragments: int = _s(
+        "WS_MAX_FRAGMENTS",
+        256,
+        "Frames one inbound WebSocket message may be split into (close 1009 above); keep it at most WS_BURST.",
+    )
+    ws_rate: str = _s(
+        "WS_RATE",
+        "200/1",
+        "Inbound frames per connection per second; every fragment of a message is a frame.",
+    )
     ws_burst: int = _s("WS_BURST", 400, "Inbound frame burst per connection.")
     ws_outbound_limit_bytes: int = _s(
         "WS_OUTBOUND_LIMIT_BYTES",
@@ -290,6 +302,8 @@ class Settings:
             raise ConfigError("WORKERS must be >= 1")
         if self.workers > 1 and not self.redis_url:
             raise ConfigError("WORKERS > 1 needs REDIS_URL (workers share state through Redis)")
+        if self.ws_max_fragments < 1:
+            raise ConfigError("WS_MAX_FRAGMENTS must be >= 1 (1 = no fragmented messages)")
         if not 0 < self.blob_url_ttl_s <= 300:
             raise ConfigError(
                 "BLOB_URL_TTL_S must be in 1..300 (presigned URLs are bearer credentials)"
