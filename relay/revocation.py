@@ -1,8 +1,8 @@
 """Close the sockets of revoked credentials, on every node (``shared.revocation`` notices).
 
 The hub listens on the node-wide ``revoke`` channel; a notice closes every matching socket of
-this node with 1008 (policy: the credential was revoked). Revocations are rare, so a notice walks
-the node's open sockets instead of keeping an index per token and session.
+this node with 1008 (policy: the credential was revoked), found through the registry's token,
+session and user indexes.
 """
 
 from __future__ import annotations
@@ -37,6 +37,20 @@ def matches(conn: WsConnection, notice: dict[str, Any]) -> bool:
     return False
 
 
+def candidates(state: RelayState, notice: dict[str, Any]) -> tuple[WsConnection, ...]:
+    """The sockets a notice may concern, from the registry's indexes (never a walk of them all)."""
+    registry = state.registry
+    for key, lookup in (
+        ("token", registry.by_token),
+        ("session", registry.by_session),
+        ("user_sessions", registry.by_user),
+    ):
+        value = notice.get(key)
+        if isinstance(value, str):
+            return lookup(value)
+    return ()
+
+
 async def install(state: RelayState) -> None:
     """Listen for notices (awaited at start: the subscription is confirmed before serving)."""
 
@@ -48,11 +62,11 @@ async def install(state: RelayState) -> None:
             return
         if not isinstance(notice, dict):
             return
-        for conn in list(state.registry):
+        for conn in candidates(state, notice):
             if conn.open and matches(conn, notice):
                 conn.close(CloseCode.POLICY, "credential revoked")
 
     await state.hub.listen(REVOKE_CHANNEL, on_notice)
 
 
-__all__ = ["install", "matches"]
+__all__ = ["candidates", "install", "matches"]

@@ -23,7 +23,15 @@ from relay.registry import DEFAULT_SHARDS, ConnectionRegistry
 from shared.codes import CloseCode, ErrorCode
 from shared.errors import ApiError
 from shared.principals import SCOPES, Principal
-from tests.test_ws_handshake import TIMEOUT, read_frame, recv_json, shut, upgrade_request
+from tests.test_ws_handshake import (
+    TIMEOUT,
+    read_frame,
+    read_hello,
+    recv_hello,
+    recv_json,
+    shut,
+    upgrade_request,
+)
 
 
 class Conn:
@@ -238,7 +246,7 @@ async def test_live_sockets_are_indexed_by_what_their_credentials_name(server: A
         connect(ws_url(server, "t1")) as script,
         connect(ws_url(server, "daemon")) as gpu,
     ):
-        ids = [(await recv_json(ws))["connection_id"] for ws in (session, script, gpu)]
+        ids = [(await recv_hello(ws))["connection_id"] for ws in (session, script, gpu)]
         assert sorted(c.id for c in registry.by_user("u-1")) == sorted(ids)
         assert [c.id for c in registry.by_principal("user", "u-1")] == ids[:1]
         assert [c.id for c in registry.by_session("s-1")] == ids[:1]
@@ -260,7 +268,7 @@ async def test_live_sockets_are_indexed_by_what_their_credentials_name(server: A
 async def test_a_live_refresh_to_another_token_moves_the_socket_in_the_token_index(server: Any) -> None:
     registry = server.state.registry
     async with connect(ws_url(server, "t1")) as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
         (conn,) = registry.by_token("t-1")
         await ws.send(json.dumps({"type": "refresh", "token": "t2"}))
         assert await recv_json(ws) == {"type": "refreshed", "exp": None}
@@ -277,7 +285,7 @@ async def test_drain_says_1001_to_sockets_in_every_shard(server: Any) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(upgrade_request(f"/ws?token=user-{i}"))
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)).startswith(b"HTTP/1.1 101 ")
-        assert (await read_frame(reader))[0] == 0x1  # hello
+        await read_hello(reader)
         sockets.append((reader, writer))
     shards: list[Any] = server.state.registry._shards
     assert all(shard.conns for shard in shards)

@@ -103,12 +103,7 @@ async def online_devices(services: Services, user_id: str) -> int:
     state = services.extras.get("relay.state")
     if state is None:
         return 0
-    keys = {
-        conn.device_id or conn.id
-        for conn in state.registry
-        if (conn.principal.user_id or conn.principal.id) == user_id and conn.open
-    }
-    return len(keys)
+    return len({conn.device_id or conn.id for conn in state.registry.by_user(user_id) if conn.open})
 
 
 @routes.post(PREFIX)
