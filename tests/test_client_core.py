@@ -691,3 +691,12 @@ def test_the_core_is_sans_io() -> None:
     assert not imported & {"asyncio", "socket", "time", "websockets", "threading", "selectors"}, imported
     assert imported <= {"__future__", "base64", "binascii", "json", "random", "secrets", "collections",
                         "dataclasses", "typing", "msgpack", "relay.client.errors"}, imported
+
+
+def test_importing_the_sdk_does_not_load_the_server() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, relay.client; print(sorted(m for m in ('relay.server', 'aiohttp', 'asyncpg') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
