@@ -331,25 +331,30 @@ class InboxDelivery:
         self._request_replay(reader, reader.cursor.acked, synced=False)
 
     # -- client frames ------------------------------------------------------------------------
-    def on_ack(self, conn: WsConnection, message: Message) -> None:
+    def _cursor_frame(self, conn: WsConnection, message: Message) -> tuple[_Reader, int] | None:
+        """The socket's reader and the frame's ``cursor``, or None after an error frame."""
         reader = self.readers.get(conn)
         value = message.get("cursor")
-        if reader is None:
-            conn.send(
-                error_frame(
-                    ErrorCode.VALIDATION_ERROR, "this socket has no inbox", request_id_of(message)
-                )
-            )
+        if (
+            reader is not None
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            and value >= 0
+        ):
+            return reader, value
+        problem = (
+            "this socket has no inbox"
+            if reader is None
+            else "'cursor' must be a non-negative integer"
+        )
+        conn.send(error_frame(ErrorCode.VALIDATION_ERROR, problem, request_id_of(message)))
+        return None
+
+    def on_ack(self, conn: WsConnection, message: Message) -> None:
+        found = self._cursor_frame(conn, message)
+        if found is None:
             return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            conn.send(
-                error_frame(
-                    ErrorCode.VALIDATION_ERROR,
-                    "'cursor' must be a non-negative integer",
-                    request_id_of(message),
-                )
-            )
-            return
+        reader, value = found
         if reader.cursor.on_ack(value):
             if reader.timer is not None:
                 reader.timer.cancel()
@@ -358,24 +363,10 @@ class InboxDelivery:
             self._mark_dirty(reader)
 
     def on_sync(self, conn: WsConnection, message: Message) -> None:
-        reader = self.readers.get(conn)
-        value = message.get("cursor", None)
-        if reader is None:
-            conn.send(
-                error_frame(
-                    ErrorCode.VALIDATION_ERROR, "this socket has no inbox", request_id_of(message)
-                )
-            )
+        found = self._cursor_frame(conn, message)
+        if found is None:
             return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            conn.send(
-                error_frame(
-                    ErrorCode.VALIDATION_ERROR,
-                    "'cursor' must be a non-negative integer",
-                    request_id_of(message),
-                )
-            )
-            return
+        reader, value = found
         after = min(value, reader.cursor.scanned)
         reader.cursor.on_ack(after)  # "last processed": everything up to it is acked
         self._mark_dirty(reader)
