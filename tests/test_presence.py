@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -33,8 +34,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from redis.crc import key_slot
+from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -372,6 +375,78 @@ async def test_an_unreachable_redis_fails_fast_and_closing_does_not_hang(
     with pytest.raises(BackendUnavailable):
         await presence.sweep()
     await asyncio.wait_for(presence.close(), TIMEOUT)  # the phone's close fails once, quickly
+
+
+@pytest.fixture
+async def redis_cluster_url(tmp_path: Path) -> AsyncIterator[str]:
+    """A real three-master Redis Cluster of ``redis-server`` processes (CI installs Redis)."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        pytest.fail("redis-server and redis-cli are required (the REDIS_CLUSTER tests start a cluster)")
+    ports = [free_port() for _ in range(3)]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+            "--cluster-config-file", f"nodes-{port}.conf", "--dir", str(tmp_path), "--save", "",
+            "--appendonly", "no", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        for port in ports
+    ]  # fmt: skip
+    try:
+        for port in ports:
+            client = aioredis.Redis(port=port)
+
+            async def up(client: Any = client) -> bool:
+                try:
+                    return bool(await client.ping())
+                except (OSError, RedisError):
+                    return False
+
+            await eventually(up)
+            await client.aclose()
+        create = await asyncio.create_subprocess_exec(
+            cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert await create.wait() == 0
+        for port in ports:
+            client = aioredis.Redis(port=port)
+
+            async def ready(client: Any = client) -> bool:
+                return b"cluster_state:ok" in await client.execute_command("CLUSTER", "INFO")
+
+            await eventually(ready)
+            await client.aclose()
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+async def test_on_a_redis_cluster_every_user_s_scripts_run_and_a_dead_node_expires(
+    make_settings: Callable[..., Settings], redis_cluster_url: str
+) -> None:
+    settings = make_settings(redis_url=redis_cluster_url, redis_cluster=True, redis_prefix="sbt:", **FAST)
+    seen: list[Transition] = []
+    dead, live = Node(RedisPresence(settings), settings, seen), Node(RedisPresence(settings), settings, seen)
+    users = [f"u-{i}" for i in range(12)]  # spread over the three masters' slots
+    try:
+        for user in users:
+            await dead.presence.socket_opened(user, "phone")
+            await live.presence.heartbeat(user, "gpu-host")
+        await eventually(lambda: len(seen) == 2 * len(users))
+        assert await live.presence.online_devices("u-3") == ["phone"]
+        assert await live.presence.online("u-3") == ["gpu-host", "phone"]
+        await dead.stop()  # its socket entries, on every master, expire; the live node notices
+        await eventually(lambda: Counter(live.mine) == Counter(
+            [on("gpu-host", u) for u in users] + [off("phone", u) for u in users] + [off("gpu-host", u) for u in users]
+        ))  # fmt: skip
+    finally:
+        for node in (dead, live):
+            await node.stop()
+            await node.presence.close()
 
 
 def test_presence_timings_must_be_positive(make_settings: Callable[..., Settings]) -> None:
