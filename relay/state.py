@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from relay import refresh
+from relay import presence, refresh
 from relay.hub import Hub
 from relay.protocol import Message, pong_frame
 from relay.registry import ConnectionRegistry
@@ -69,6 +69,7 @@ class RelayState:
         # Channel membership and fan-out; a socket leaves every channel when it goes.
         self.hub = Hub(services.broker)
         self.on_close.append(self.hub.unsubscribe_all)
+        presence.install(self)  # /ws presence: hooks, the heartbeat request, refresh and sweep
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` as a task the state keeps a reference to until it ends."""
