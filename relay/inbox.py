@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay.inbox_core import Decision, InboxCursor
 from relay.protocol import Message, error_frame, hello_frame, request_id_of
+from relay.requests import error_reply, ok_reply
 from shared import idempotency, metrics
 from shared.clock import now_ms
 from shared.codes import CloseCode, ErrorCode
@@ -79,6 +80,7 @@ class _Reader:
         "pending_after",
         "pending_synced",
         "saved",
+        "greeted",
     )
 
     def __init__(self, conn: WsConnection, user_id: str, cursor: InboxCursor) -> None:
@@ -90,6 +92,7 @@ class _Reader:
         self.pending_after: int | None = None  # a replay asked for while one runs
         self.pending_synced = False
         self.saved = cursor.acked  # the ack the store has (or is about to get) for this device
+        self.greeted = False  # hello sent: ephemeral frames may follow
 
 
 class InboxDelivery:
@@ -102,6 +105,7 @@ class InboxDelivery:
         self._dirty: dict[tuple[str, str], tuple[int, int]] = {}  # (user, device) -> (ack, seen)
         self._delivered: dict[str, int] = {}  # publish message id -> first sent (unix ms)
         self._background: list[asyncio.Task[None]] = []
+        self._stopping = False
         state.handlers["ack"] = self.on_ack
         state.handlers["sync"] = self.on_sync
         state.handlers["filter"] = self.on_filter
@@ -163,6 +167,7 @@ class InboxDelivery:
         cursor.acked = cursor.scanned = cursor.sent = reader.saved = acked
         p = conn.principal
         conn.send(hello_frame(conn.id, p.kind, p.id, device_id, settings.heartbeat_s, cursor=head))
+        reader.greeted = True
         if stale:
             await self._reset(reader, head)
             self._request_replay(reader, head, synced=True)
@@ -206,7 +211,13 @@ class InboxDelivery:
                     self._follow(reader, reader.cursor.on_live(body, now))
             return
         for conn in list(members):  # an ephemeral frame: not acked, not replayed
-            if conn in self.readers and (exclude is None or conn.device_id != exclude):
+            reader = self.readers.get(conn)
+            # Not before ``hello``: the socket is subscribed a moment before its first frame.
+            if (
+                reader is not None
+                and reader.greeted
+                and (exclude is None or conn.device_id != exclude)
+            ):
                 conn.send(body)
 
     def _follow(self, reader: _Reader, decision: Decision) -> None:
@@ -373,16 +384,22 @@ class InboxDelivery:
         self._request_replay(reader, after, synced=True)
 
     async def on_filter(self, conn: WsConnection, message: Message) -> None:
+        """``{"type": "filter", "events": [...]}``; with a ``request_id`` it gets a ``reply``
+        (ok or not), without one only problems are answered, as ``error`` frames."""
         reader = self.readers.get(conn)
         rid = request_id_of(message)
+
+        def refuse(code: ErrorCode, text: str) -> None:
+            conn.send(error_frame(code, text) if rid is None else error_reply(rid, code, text))
+
         if reader is None:
-            conn.send(error_frame(ErrorCode.VALIDATION_ERROR, "this socket has no inbox", rid))
+            refuse(ErrorCode.VALIDATION_ERROR, "this socket has no inbox")
             return
         events = message.get("events")
         try:
             new = None if events is None else EventFilter.parse(events)
         except ValueError as exc:
-            conn.send(error_frame(ErrorCode.VALIDATION_ERROR, str(exc), rid))
+            refuse(ErrorCode.VALIDATION_ERROR, str(exc))
             return
         if new is not None and new.patterns == ["*"]:
             new = None
@@ -390,25 +407,14 @@ class InboxDelivery:
         if conn.device_id is not None:  # the filter belongs to the device: it outlives the socket
             try:
                 await store.save_filter(
-                    self.state.services.db,
-                    reader.user_id,
-                    conn.device_id,
+                    self.state.services.db, reader.user_id, conn.device_id,
                     None if new is None else new.to_json(),
-                )
+                )  # fmt: skip
             except (BackendUnavailable, StoreError):
-                conn.send(
-                    error_frame(ErrorCode.SERVICE_UNAVAILABLE, "filter not saved; retry", rid)
-                )
+                refuse(ErrorCode.SERVICE_UNAVAILABLE, "filter not saved; retry")
                 return
         if rid is not None:
-            conn.send(
-                {
-                    "type": "reply",
-                    "request_id": rid,
-                    "ok": True,
-                    "data": {"events": None if new is None else new.patterns},
-                }
-            )
+            conn.send(ok_reply(rid, {"events": None if new is None else new.patterns}))
 
     # -- acks to the store ----------------------------------------------------------------------
     def _mark_dirty(self, reader: _Reader, *, force: bool = False) -> None:
@@ -475,7 +481,9 @@ class InboxDelivery:
         )
 
     async def _every(self, interval: float, job: Any) -> None:
-        while True:
+        # The flag, not only the cancellation, ends the loop: on Python 3.11 a cancel that races
+        # with a wait_for inside a driver can be swallowed, and close() would wait forever.
+        while not self._stopping:
             await asyncio.sleep(interval)
             started = time.monotonic()
             try:
@@ -491,6 +499,7 @@ class InboxDelivery:
 
     async def close(self) -> None:
         """Drain: stop the background passes, write the last acks."""
+        self._stopping = True
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

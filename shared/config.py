@@ -268,7 +268,7 @@ class Settings:
     inbox_ack_flush_s: float = _s(
         "INBOX_ACK_FLUSH_S",
         1.0,
-        "How often acked cursors are written to the store (one batch per interval).",
+        "How often acked cursors and heartbeat timestamps are written to the store (one batch each per interval).",
     )
     idempotency_ttl_s: int = _s(
         "IDEMPOTENCY_TTL_S", 86400, "How long a request_id / idempotency_key keeps its first reply."

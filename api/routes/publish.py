@@ -36,7 +36,7 @@ from api.keys import SERVICES
 from api.openapi import errors, json_ok
 from api.pagination import Page
 from api.validation import Body, query_int, read_json
-from shared import idempotency
+from shared import idempotency, presence
 from shared.clock import iso_ms, now_ms, parse_iso_ms
 from shared.codes import ErrorCode
 from shared.errors import ApiError, validation_error
@@ -96,14 +96,9 @@ async def _target(request: web.Request, body: Body, principal: Principal) -> tup
 
 
 async def online_devices(services: Services, user_id: str) -> int:
-    """The target's distinct devices with an open ``/ws`` (a device-less session counts as one).
-
-    TODO(presence): this node's sockets only, until the shared presence lands.
-    """
-    state = services.extras.get("relay.state")
-    if state is None:
-        return 0
-    return len({conn.device_id or conn.id for conn in state.registry.by_user(user_id) if conn.open})
+    """The target's distinct devices with an open ``/ws`` on any node (a device-less session
+    counts as one): the shared presence (``shared.presence``)."""
+    return await presence.online_devices(services, user_id)
 
 
 @routes.post(PREFIX)

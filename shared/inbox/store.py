@@ -195,9 +195,11 @@ async def open_device(
     )
 
 
-# Acks only move forward, whichever node or socket writes last (CASE: portable GREATEST/MAX).
+# Acks and last_seen_at only move forward, whichever node or socket writes last (CASE: portable
+# GREATEST/MAX).
 _SAVE_ACK = (
-    "UPDATE inbox_devices SET acked = CASE WHEN acked < $3 THEN $3 ELSE acked END, last_seen_at = $4"
+    "UPDATE inbox_devices SET acked = CASE WHEN acked < $3 THEN $3 ELSE acked END,"
+    " last_seen_at = CASE WHEN last_seen_at < $4 THEN $4 ELSE last_seen_at END"
     " WHERE user_id = $1 AND device_id = $2"
 )
 
