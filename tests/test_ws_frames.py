@@ -280,11 +280,11 @@ async def test_frame_handling(server: Any, name: str, mode: str) -> None:
     await wait_until(lambda: len(server.state.registry) == 0)
 
 
-async def read_messages(reader: asyncio.StreamReader, count: int) -> list[Any]:
+async def read_messages(reader: asyncio.StreamReader, count: int, timeout: float = TIMEOUT) -> list[Any]:
     """The next ``count`` text messages, skipping pongs (answers to interleaved pings)."""
     messages: list[Any] = []
     while len(messages) < count:
-        opcode, payload = await read_frame(reader)
+        opcode, payload = await read_frame(reader, timeout)
         assert opcode in (TEXT, PONG), (opcode, payload)
         if opcode == TEXT:
             messages.append(json.loads(payload))
@@ -315,7 +315,8 @@ async def send_and_close(server: Any, data: bytes) -> list[Any]:
     """Send ``data``, read the one reply, close; the replies seen, once the server let go of it."""
     reader, writer = await open_socket(server)
     await feed(writer, data, "chunked")
-    replies = await read_messages(reader, 1)
+    # Generous: 100,000 frames under tracemalloc on a busy machine take seconds (not a speed test).
+    replies = await read_messages(reader, 1, timeout=120)
     await feed(writer, frame(CLOSE, close_payload(1000)), "whole")
     before, code, _ = await outcome(reader)
     await shut(writer)

@@ -118,9 +118,9 @@ async def read_hello(reader: asyncio.StreamReader) -> dict[str, Any]:
     return hello
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+async def read_frame(reader: asyncio.StreamReader, timeout: float = TIMEOUT) -> tuple[int, bytes]:
     """One server frame: (opcode, payload); server frames are never masked."""
-    first, second = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+    first, second = await asyncio.wait_for(reader.readexactly(2), timeout)
     assert second & 0x80 == 0, "server frames must not be masked"
     n = second & 0x7F
     if n == 126:
