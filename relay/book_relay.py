@@ -3,7 +3,7 @@
 A member device's socket is subscribed to the hub channel ``book:{book_id}`` before its first
 frame (``presence``, then ``synced``), so nothing published after that frame can be missed. Each
 ``crdt_operation`` is published once through the hub with a per-book sequence
-(``Hub.publish(..., sequence_key="bookseq:{book_id}")``): the broker assigns the seq atomically
+(``Hub.publish(..., sequence_key="bookseq:{<book_id>}")``, braces included: a Redis Cluster hash tag): the broker assigns the seq atomically
 with the publish, so every node relays a book's ops in seq order. The sender gets
 ``{"type": "ack", "id", "seq"}``; the other members get the op with ``device_id`` (from the
 credential, never from the frame), ``relay_timestamp`` and ``seq``. The payload is never decoded
@@ -53,11 +53,13 @@ MAX_OP_ID = 128
 
 
 def channel_of(book_id: str) -> str:
-    return f"book:{book_id}"
+    # The braces are a Redis Cluster hash tag: the channel and its seq counter share one slot,
+    # so the sequenced publish (one script: INCR + SPUBLISH) can run there (shared/broker/redis.py).
+    return f"book:{{{book_id}}}"
 
 
 def sequence_key_of(book_id: str) -> str:
-    return f"bookseq:{book_id}"
+    return f"bookseq:{{{book_id}}}"
 
 
 async def is_member(db: Executor, book_id: str, device_id: str) -> bool:

@@ -70,7 +70,9 @@ def make_limiter(settings: Settings) -> RateLimiter:
     if settings.redis_url:
         from shared.ratelimit.redis import RedisRateLimiter
 
-        return RedisRateLimiter(settings.redis_url, prefix=settings.redis_prefix, cluster=settings.redis_cluster)
+        return RedisRateLimiter(
+            settings.redis_url, prefix=settings.redis_prefix, cluster=settings.redis_cluster
+        )
     from shared.ratelimit.memory import MemoryRateLimiter
 
     return MemoryRateLimiter()

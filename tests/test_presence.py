@@ -23,7 +23,7 @@ import asyncio
 import json
 import os
 import random
-import shutil
+import secrets
 import signal
 import sys
 import time
@@ -34,10 +34,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import web
 from redis.crc import key_slot
-from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -377,58 +375,12 @@ async def test_an_unreachable_redis_fails_fast_and_closing_does_not_hang(
     await asyncio.wait_for(presence.close(), TIMEOUT)  # the phone's close fails once, quickly
 
 
-@pytest.fixture
-async def redis_cluster_url(tmp_path: Path) -> AsyncIterator[str]:
-    """A real three-master Redis Cluster of ``redis-server`` processes (CI installs Redis)."""
-    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if server is None or cli is None:
-        pytest.fail("redis-server and redis-cli are required (the REDIS_CLUSTER tests start a cluster)")
-    ports = [free_port() for _ in range(3)]
-    procs = [
-        await asyncio.create_subprocess_exec(
-            server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-            "--cluster-config-file", f"nodes-{port}.conf", "--dir", str(tmp_path), "--save", "",
-            "--appendonly", "no", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )
-        for port in ports
-    ]  # fmt: skip
-    try:
-        for port in ports:
-            client = aioredis.Redis(port=port)
-
-            async def up(client: Any = client) -> bool:
-                try:
-                    return bool(await client.ping())
-                except (OSError, RedisError):
-                    return False
-
-            await eventually(up)
-            await client.aclose()
-        create = await asyncio.create_subprocess_exec(
-            cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        assert await create.wait() == 0
-        for port in ports:
-            client = aioredis.Redis(port=port)
-
-            async def ready(client: Any = client) -> bool:
-                return b"cluster_state:ok" in await client.execute_command("CLUSTER", "INFO")
-
-            await eventually(ready)
-            await client.aclose()
-        yield f"redis://127.0.0.1:{ports[0]}/0"
-    finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
-
-
 async def test_on_a_redis_cluster_every_user_s_scripts_run_and_a_dead_node_expires(
-    make_settings: Callable[..., Settings], redis_cluster_url: str
+    make_settings: Callable[..., Settings], redis_cluster: Any
 ) -> None:
-    settings = make_settings(redis_url=redis_cluster_url, redis_cluster=True, redis_prefix="sbt:", **FAST)
+    # The shared cluster of tests/fixtures/redis_cluster.py; a prefix of this test's own.
+    settings = make_settings(redis_url=redis_cluster.url, redis_cluster=True,
+                             redis_prefix=f"sbt:{secrets.token_hex(4)}:", **FAST)
     seen: list[Transition] = []
     dead, live = Node(RedisPresence(settings), settings, seen), Node(RedisPresence(settings), settings, seen)
     users = [f"u-{i}" for i in range(12)]  # spread over the three masters' slots
