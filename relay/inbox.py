@@ -99,6 +99,9 @@ class InboxDelivery:
         self.state = state
         self.settings = state.settings
         self.readers: dict[WsConnection, _Reader] = {}
+        # user id -> that user's sockets here: POST /publish counts them per request
+        # (online_devices), which must not walk every socket of the node.
+        self.by_user: dict[str, dict[WsConnection, None]] = {}
         self._dirty: dict[tuple[str, str], tuple[int, int]] = {}  # (user, device) -> (ack, seen)
         self._delivered: dict[str, int] = {}  # publish message id -> first sent (unix ms)
         self._background: list[asyncio.Task[None]] = []
@@ -135,6 +138,7 @@ class InboxDelivery:
         cursor.replaying = True  # hold live entries until the catch-up below has run
         reader = _Reader(conn, user_id, cursor)
         self.readers[conn] = reader
+        self.by_user.setdefault(user_id, {})[conn] = None
         db = self.state.services.db
         try:
             await self.state.hub.subscribe(conn, inbox_channel(user_id))
@@ -184,12 +188,24 @@ class InboxDelivery:
         reader = self.readers.pop(conn, None)
         if reader is None:
             return None
+        sockets = self.by_user.get(reader.user_id)
+        if sockets is not None:
+            sockets.pop(conn, None)
+            if not sockets:
+                del self.by_user[reader.user_id]
         if reader.timer is not None:
             reader.timer.cancel()
             reader.timer = None
         if reader.replay is not None and reader.replay is not asyncio.current_task():
             reader.replay.cancel()
         return reader
+
+    def online_devices(self, user_id: str) -> int:
+        """The user's distinct devices with an open socket here (a device-less session is one)."""
+        sockets = self.by_user.get(user_id)
+        if not sockets:
+            return 0
+        return len({conn.device_id or conn.id for conn in sockets if conn.open})
 
     # -- live ---------------------------------------------------------------------------------
     def on_wake(self, channel: str, members: Collection[WsConnection], data: bytes) -> None:

@@ -98,17 +98,14 @@ async def _target(request: web.Request, body: Body, principal: Principal) -> tup
 async def online_devices(services: Services, user_id: str) -> int:
     """The target's distinct devices with an open ``/ws`` (a device-less session counts as one).
 
+    Read from the inbox delivery's per-user index (``relay.inbox``), not by walking every socket
+    of the node: this runs on every publish.
     TODO(presence): this node's sockets only, until the shared presence lands.
     """
-    state = services.extras.get("relay.state")
-    if state is None:
+    delivery = services.extras.get("relay.inbox")
+    if delivery is None:
         return 0
-    keys = {
-        conn.device_id or conn.id
-        for conn in state.registry
-        if (conn.principal.user_id or conn.principal.id) == user_id and conn.open
-    }
-    return len(keys)
+    return int(delivery.online_devices(user_id))
 
 
 @routes.post(PREFIX)
