@@ -213,6 +213,7 @@ async def _measure(
     meters = Meters(server, meters.load.pids)  # PG backends opened by now
     m0 = await mark_all(workers)
     ok0, t0 = publisher.counts.ok, time.monotonic()
+    w0 = time.time()
     publisher.take_latencies()
     meters.start()
     prof = (
@@ -224,12 +225,14 @@ async def _measure(
     cpu = meters.read()
     m1 = await mark_all(workers)
     ok1, t1 = publisher.counts.ok, time.monotonic()
+    w1 = time.time()
     http_lat = publisher.take_latencies()
     await run
     responses_drained = await publisher.drain(30)
     expected = sum(publisher.counts.per_user) * dpu
     drained, drain_s, m_end = await wait_drained(workers, expected, 60)
     dt = t1 - t0
+    peak_batches = server.batch_sizes(int(w0 * 1000), int(w1 * 1000))
     peak = {
         "seconds": round(dt, 2),
         "acked_events_per_s": round((ok1 - ok0) / dt),
@@ -241,6 +244,7 @@ async def _measure(
         **cpu,
         "server_cpu_ms_per_event": round(cpu["server_cpu_pct"] * 10 / max(1, (ok1 - ok0) / dt), 3),
         "in_flight": args.connections * args.depth,
+        "group_commit": peak_batches,
         "responses_drained": responses_drained,
         "every_acked_event_delivered": drained,
         "drain_seconds_after_stop": round(drain_s, 2),
@@ -260,7 +264,8 @@ async def _measure(
     print(
         f"  peak: {peak['acked_events_per_s']:,} acked/s, {peak['delivered_events_per_s']:,} "
         f"delivered/s, server {cpu['server_cpu_pct']} % (pg {cpu['pg_backends_cpu_pct']} %), "
-        f"load {cpu['load_cpu_pct']} %, drained={drained} in {drain_s:.1f} s",
+        f"load {cpu['load_cpu_pct']} %, drained={drained} in {drain_s:.1f} s, "
+        f"batch {peak_batches.get('mean_batch')} ({peak_batches.get('batches_per_s')}/s)",
         flush=True,
     )
     if args.skip_paced:
@@ -278,6 +283,7 @@ async def _measure(
     meters.start()
     m0 = await mark_all(workers)
     ok0, t0 = publisher.counts.ok, time.monotonic()
+    w0 = time.time()
     publisher.take_latencies()
     await asyncio.sleep(args.paced_seconds)
     cpu = meters.read()
@@ -289,6 +295,7 @@ async def _measure(
     expected = sum(publisher.counts.per_user) * dpu
     drained, drain_s, m_end = await wait_drained(workers, expected, 60)
     dt = t1 - t0
+    paced_batches = server.batch_sizes(int(w0 * 1000), int(w0 * 1000 + dt * 1000))
     paced = {
         "target_events_per_s": round(rate),
         "seconds": round(dt, 2),
@@ -299,6 +306,7 @@ async def _measure(
         **cpu,
         "server_cpu_ms_per_event": round(cpu["server_cpu_pct"] * 10 / max(1, (ok1 - ok0) / dt), 3),
         "deficit": publisher.counts.deficit - deficit_before,
+        "group_commit": paced_batches,
         "acked_in_phase_total": publisher.counts.ok - ok_before,
         "every_acked_event_delivered": drained,
         "responses_drained": responses_drained,
@@ -370,10 +378,12 @@ def trial(args: argparse.Namespace, index: int, stamp: str) -> dict[str, Any]:
         if profile_out is not None and profile_out.exists():
             result["profile_raw"] = str(profile_out.relative_to(RESULTS.parent.parent))
     finally:
-        for w in workers:
-            w.join()
-        tail = server.log_tail(1500)
-        server.stop()
+        try:
+            for w in workers:
+                w.join()
+        finally:
+            tail = server.log_tail(1500)
+            server.stop()
         if "Traceback" in tail or "ERROR" in tail:
             result["server_log_tail"] = tail
     return result

@@ -135,9 +135,11 @@ def trial(args: argparse.Namespace, index: int) -> dict[str, Any]:
               f"{result['connect_seconds']} s = {result['sockets_per_s']:,}/s, "
               f"{result['kb_per_socket']} KB/socket", flush=True)  # fmt: skip
     finally:
-        for w in workers:
-            w.join()
-        server.stop()
+        try:
+            for w in workers:
+                w.join()
+        finally:
+            server.stop()
     return result
 
 

@@ -158,6 +158,39 @@ class Server:
         )
         return [int(x) for x in rows.split() if x.strip().isdigit()]
 
+    def batch_sizes(self, t0_ms: int, t1_ms: int) -> dict[str, float]:
+        """Group-commit batches in a window, from the store: a batch's entries share created_at
+        (the writer stamps a batch once), so entries per distinct created_at ~ batch size (two
+        batches within one millisecond count as one)."""
+        table = f'"{self.tag}".inbox_entries' if self.store == "postgresql" else "inbox_entries"
+        sql = (
+            "SELECT SUM(n), COUNT(*), MAX(n) FROM (SELECT created_at, COUNT(*) AS n"
+            f" FROM {table} WHERE created_at >= {int(t0_ms)} AND created_at < {int(t1_ms)}"
+            " GROUP BY created_at) b"
+        )
+        try:
+            if self.store == "postgresql":
+                row = self._psql(sql).strip().split("|")
+            else:
+                import sqlite3
+
+                db = self.data_dir / "switchboard.db"
+                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                try:
+                    row = [str(v) for v in con.execute(sql).fetchone()]
+                finally:
+                    con.close()
+            entries, batches, biggest = (float(v) if v not in ("", "None") else 0.0 for v in row)
+        except Exception as exc:  # noqa: BLE001 - a statistic, never fatal
+            return {"error": repr(exc)[:200]}  # type: ignore[dict-item]
+        return {
+            "entries": entries,
+            "batches": batches,
+            "mean_batch": round(entries / batches, 1) if batches else 0.0,
+            "max_batch": biggest,
+            "batches_per_s": round(batches / max(0.001, (t1_ms - t0_ms) / 1000), 1),
+        }
+
     def pg_settings(self) -> dict[str, str]:
         if self.store != "postgresql":
             return {}
