@@ -38,7 +38,6 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadgen.workers import Commands  # noqa: E402
 from loadgen.wsproto import (  # noqa: E402
     OP_CLOSE,
     OP_PING,
@@ -52,6 +51,37 @@ from loadgen.wsproto import (  # noqa: E402
 IP_BIND_ADDRESS_NO_PORT = 24
 _EVENT = re.compile(rb'\{"type":"event","event":"[^"]*","cursor":(\d+),')
 _TS = re.compile(rb'"ts":(\d+)')
+
+
+class Commands:
+    """Pipe messages as an asyncio queue; EOF reads as "stop" (like bench/loadgen/workers.py,
+    whose reader also takes an OSError for EOF; this one says which error it was and keeps the
+    pipe blocking)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        asyncio.get_running_loop().add_reader(conn.fileno(), self._read)
+        # uvloop makes a watched fd non-blocking; a message bigger than the pipe buffer (a
+        # mark with many latencies) must still be read and written whole.
+        os.set_blocking(conn.fileno(), True)
+
+    def _read(self) -> None:
+        try:
+            msg = self.conn.recv()
+        except (EOFError, OSError) as exc:
+            msg = ("stop", repr(exc))
+            asyncio.get_running_loop().remove_reader(self.conn.fileno())
+        self.queue.put_nowait(msg)
+
+    async def get(self, timeout: float) -> tuple[Any, ...]:
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            return ("timeout",)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.conn.fileno())
 
 
 class Counters:
@@ -292,6 +322,10 @@ def _worker_main(conn: Connection, spec: DeviceSpec) -> None:
         if spec.cpus:
             os.sched_setaffinity(0, {int(c) for c in spec.cpus.split(",")})
         uvloop.run(_worker(conn, spec))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
     finally:
         conn.close()
         os._exit(0)
@@ -361,7 +395,8 @@ async def mark_all(workers: list[DeviceWorker], timeout: float = 10.0) -> Mark:
     for w in workers:
         msg = await w.recv(timeout)
         if msg[0] != "mark":
-            raise RuntimeError(f"load process answered {msg[0]!r}")
+            await asyncio.sleep(0.2)
+            raise RuntimeError(f"load process answered {msg!r} (exit code {w.proc.exitcode})")
         _, events, dups, other, lost, acks, processed, lat, errors = msg
         total.events += events
         total.dups += dups
