@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lay.add_argument("--concurrency", type=int, default=100, help="handshakes in flight per process")
     lay.add_argument("--ack-every", type=float, default=0.02, help="seconds between cumulative acks")
     pub = p.add_argument_group("publishing")
-    pub.add_argument("--connections", type=int, default=64, help="HTTP keep-alive connections")
+    pub.add_argument("--connections", type=int, default=128, help="HTTP keep-alive connections")
     pub.add_argument("--depth", type=int, default=4, help="pipelined requests per connection (peak)")
     pub.add_argument("--max-inflight", type=int, default=32, help="per connection when paced")
     pub.add_argument("--payload", type=int, default=100, help="approximate bytes of `data`")
