@@ -113,23 +113,47 @@ def latency_summary(ns: Any) -> dict[str, Any]:
     }
 
 
+def runqueue_wait_s(pids: list[int]) -> float:
+    """Seconds the threads of ``pids`` were runnable but waiting for a CPU (/proc schedstat):
+    how much the server was held back by other processes on its core."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total / 1e9
+
+
 class Meters:
-    """CPU % of one core of the server tree, its PG backends and the load processes."""
+    """CPU % of one core of the server tree, its PG backends and the load processes; and the
+    server's run-queue wait (% of the phase it was runnable but not running)."""
 
     def __init__(self, server: Server, load_pids: list[int]) -> None:
         self.server = procstat.CpuMeter(procstat.tree(server.pid))
         self.pg = procstat.CpuMeter(server.pg_backend_pids())
         self.load = procstat.CpuMeter(load_pids)
         self.pg_count = len(self.pg.pids)
+        self._wait0 = 0.0
+        self._t0 = 0.0
 
     def start(self) -> None:
         now = time.monotonic()
         for m in (self.server, self.pg, self.load):
             m.start(now)
+        self._wait0, self._t0 = runqueue_wait_s(self.server.pids), now
 
     def read(self) -> dict[str, float]:
         now = time.monotonic()
+        waited = runqueue_wait_s(self.server.pids) - self._wait0
         return {
+            "server_runqueue_wait_pct": round(100 * waited / max(1e-9, now - self._t0), 1),
             "server_cpu_pct": round(self.server.percent(now), 1),
             "pg_backends_cpu_pct": round(self.pg.percent(now), 1),
             "pg_backends": self.pg_count,
@@ -249,6 +273,9 @@ async def _measure(
         "every_acked_event_delivered": drained,
         "drain_seconds_after_stop": round(drain_s, 2),
         "duplicates_total": m_end.dups,
+        # equal with 0 duplicates: every acknowledged event arrived exactly once on every device
+        "events_received_total": m_end.events,
+        "events_expected_total": expected,
         "non_202": {k.decode(): v for k, v in publisher.counts.statuses.items()},
         "first_error": publisher.counts.first_error,
         "device_errors": (m_end.errors or [])[:5],
@@ -403,12 +430,12 @@ def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path in (
         "peak.acked_events_per_s", "peak.delivered_events_per_s", "peak.server_cpu_pct",
-        "peak.pg_backends_cpu_pct", "peak.load_cpu_pct", "peak.server_cpu_ms_per_event", "peak.http_send_to_202.p99_ms",
+        "peak.pg_backends_cpu_pct", "peak.load_cpu_pct", "peak.server_runqueue_wait_pct", "peak.server_cpu_ms_per_event", "peak.http_send_to_202.p99_ms",
         "peak.delivery_latency_sampled.p99_ms", "paced.target_events_per_s",
         "paced.acked_events_per_s", "paced.delivery_latency_sampled.p50_ms",
         "paced.delivery_latency_sampled.p99_ms", "paced.delivery_latency_sampled.max_ms",
         "paced.http_send_to_202.p99_ms", "paced.server_cpu_pct", "paced.pg_backends_cpu_pct",
-        "paced.load_cpu_pct", "paced.server_cpu_ms_per_event", "connect_seconds",
+        "paced.load_cpu_pct", "paced.server_runqueue_wait_pct", "paced.server_cpu_ms_per_event", "connect_seconds",
     ):  # fmt: skip
         vals = col(path)
         if vals:
