@@ -31,6 +31,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from relay.hub import encode_frame, frame_bytes
 from relay.inbox_core import Decision, InboxCursor
 from relay.protocol import Message, error_frame, hello_frame, request_id_of
 from relay.requests import error_reply, ok_reply
@@ -61,6 +62,49 @@ EXTRAS_KEY = "relay.inbox"
 PRUNE_EVERY_S = 60.0
 DELIVERED_MAX = 100_000  # publish delivery times held between two flushes (statistics only)
 _PACING_WAIT_S = 0.005
+
+
+def _wire_frame(entry: Entry, binary: bool) -> bytes:
+    """The entry's ``event`` frame as one complete WebSocket frame, cached on the entry.
+
+    Text: ``data`` is JSON text and goes out verbatim (shared.inbox.events), spliced into the
+    frame without a decode and a re-encode. Binary (MessagePack) encodes the decoded frame.
+    Prebuilt frames skip the websockets protocol object, as the hub's broadcast does: inbox
+    sockets are hub members, which have no extensions (``Hub.subscribe`` asserts it).
+    """
+    cache = entry.wire
+    if cache is None:
+        cache = entry.wire = {}
+    frame = cache.get(binary)
+    if frame is None:
+        if binary:
+            frame = encode_frame(entry.frame(), binary=True)
+        else:
+            text = b'{"type":"event","event":%s,"cursor":%d,"data":%s}' % (
+                json.dumps(entry.event).encode(),
+                entry.cursor,
+                entry.data.encode(),
+            )
+            frame = frame_bytes(text, binary=False)
+        cache[binary] = frame
+    return frame
+
+
+_MESSAGE_ID_HEAD = '{"message_id":"'
+
+
+def _publish_message_id(data: str) -> str | None:
+    """A ``publish`` event's message id: POST /publish writes it first, so no full decode."""
+    if data.startswith(_MESSAGE_ID_HEAD):
+        end = data.find('"', len(_MESSAGE_ID_HEAD))
+        if end > 0:
+            return data[len(_MESSAGE_ID_HEAD) : end]
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    message_id = value.get("message_id") if isinstance(value, dict) else None
+    return message_id if isinstance(message_id, str) else None
 
 
 def inbox_user(principal: Principal) -> str:
@@ -229,19 +273,24 @@ class InboxDelivery:
         self._mark_dirty(reader)
 
     def _send_entries(self, reader: _Reader, entries: list[Entry]) -> None:
+        """Queue the entries' frames (encoded once per entry, shared by every socket of the
+        user) and write them to the socket at once."""
         conn = reader.conn
+        if not entries or not conn.open:
+            return
         now = now_ms()
+        binary = conn.codec.binary
+        outbox = conn.outbox
         for entry in entries:
-            frame = entry.frame()
-            conn.send(frame)
-            if entry.event == "publish":
+            outbox.append(_wire_frame(entry, binary))
+            if entry.event == "publish" and len(self._delivered) < DELIVERED_MAX:
                 # First delivery time for GET /publish/stats, written with the acks.
-                message_id = (
-                    frame["data"].get("message_id") if isinstance(frame["data"], dict) else None
-                )
-                if isinstance(message_id, str) and len(self._delivered) < DELIVERED_MAX:
+                message_id = _publish_message_id(entry.data)
+                if message_id is not None:
                     self._delivered.setdefault(message_id, now)
             metrics.INBOX_LAG.observe(max(0.0, (now - entry.created_at) / 1000))
+        # Anything the hub queued earlier this tick goes first: order on the socket is kept.
+        conn.flush_outbox()
 
     async def publish_ephemeral(
         self, user_id: str, frame: Message, exclude_device: str | None = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -70,6 +70,9 @@ class Entry:
     target_device: str | None = None
     expires_at: int | None = None
     created_at: int = 0
+    # The encoded ``event`` frame per wire format (binary?), filled by the delivering side so
+    # that every socket an entry goes to gets the same bytes, encoded once.
+    wire: dict[bool, bytes] | None = field(default=None, repr=False, compare=False)
 
     def as_row(self) -> list[Any]:
         return [
