@@ -595,7 +595,10 @@ async def test_two_nodes_send_one_online_and_one_offline_to_sockets_on_both(
     for watcher in watchers:
         await watcher.until(lambda f: f == {"type": "device.offline", "device_id": "phone"})
     assert await watchers[0].settled(nodes[0]) == [online("watcher1"), online("phone"), offline("phone")]
-    assert await watchers[1].settled(nodes[1]) == [online("phone"), offline("phone")]
+    # watcher1 may or may not see watcher0's own online: it is published asynchronously and can
+    # land just after watcher1's hello. The phone's transitions: exactly once each, on both.
+    seen = [f for f in await watchers[1].settled(nodes[1]) if f != online("watcher0")]
+    assert seen == [online("phone"), offline("phone")]
 
 
 async def test_online_devices_counts_across_nodes_with_each_session_once(
