@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from shared.codes import CloseCode
-from shared.revocation import REVOKE_CHANNEL
+from shared.revocation import REVOKE_CHANNEL, forget_cached_token
 
 if TYPE_CHECKING:
     from relay.connection import WsConnection
@@ -62,6 +62,8 @@ async def install(state: RelayState) -> None:
             return
         if not isinstance(notice, dict):
             return
+        if isinstance(notice.get("token"), str):
+            forget_cached_token(state.services, notice["token"])
         for conn in candidates(state, notice):
             if conn.open and matches(conn, notice):
                 conn.close(CloseCode.POLICY, "credential revoked")

@@ -270,6 +270,11 @@ class Settings:
         1.0,
         "How often acked cursors and heartbeat timestamps are written to the store (one batch each per interval).",
     )
+    auth_cache_s: float = _s(
+        "AUTH_CACHE_S",
+        2.0,
+        "How long a process reuses an API token's lookup (0 = every request asks the store); revocations drop it at once.",
+    )
     idempotency_ttl_s: int = _s(
         "IDEMPOTENCY_TTL_S", 86400, "How long a request_id / idempotency_key keeps its first reply."
     )

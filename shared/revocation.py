@@ -38,8 +38,18 @@ async def announce(services: Services, notices: Iterable[dict[str, Any]]) -> Non
             log.error("could not announce a revocation: %s", exc)
 
 
+def forget_cached_token(services: Services, token_id: str) -> None:
+    """Drop this process's cached lookup of an API token (api.authn caches them briefly)."""
+    forget = getattr(services.authenticator, "forget_token", None)
+    if forget is not None:
+        forget(token_id)
+
+
 async def tokens_revoked(services: Services, token_ids: Iterable[str]) -> None:
-    await announce(services, ({"token": t} for t in token_ids))
+    ids = list(token_ids)
+    for token_id in ids:  # here at once; the other processes when the notice reaches them
+        forget_cached_token(services, token_id)
+    await announce(services, ({"token": t} for t in ids))
 
 
 async def session_revoked(services: Services, session_id: str) -> None:

@@ -243,11 +243,15 @@ async def test_a_revoked_token_s_socket_closes_on_the_other_node(
         keeper = await Device.open(f"ws://127.0.0.1:{b.port}", other["token"], "phone")
         by_jwt = await Device.open(f"ws://127.0.0.1:{b.port}", cy.jwt, "tablet")
         loop = asyncio.get_running_loop()
+        api_b = Api(http, f"http://127.0.0.1:{b.port}")
+        await api_b.ok("GET", "/tokens/current", cy.token)  # node b has the token's lookup cached
         await api_a.ok("DELETE", f"/tokens/{cy.token_id}", cy.jwt, status=204)
         revoked_at = loop.time()
         await asyncio.wait_for(doomed.closed.wait(), 1.0)  # realtime.md guarantee 4: within 1 s
         assert loop.time() - revoked_at < 1.0 and doomed.close_code == 1008
         assert not keeper.closed.is_set() and not by_jwt.closed.is_set()  # other credentials live on
+        # The notice also dropped node b's cached lookup: REST refuses the token there too.
+        await api_b.fails("GET", "/tokens/current", 401, "INVALID_TOKEN", cy.token)
         # Logging out kills the session: the socket opened with its access token closes too.
         await api_a.ok("POST", "/auth/logout", cy.jwt)
         await asyncio.wait_for(by_jwt.closed.wait(), 1.0)

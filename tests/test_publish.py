@@ -148,3 +148,15 @@ async def test_stats_count_by_type_and_day_and_report_delivery_latency(node: Any
     assert stats["online_clients"] == 1
     await api.fails("GET", "/publish/stats?days=0", 400, "VALIDATION_ERROR", gu.token)
     await phone.close()
+
+
+async def test_a_changed_or_revoked_token_is_not_served_from_the_lookup_cache(node: Any) -> None:
+    server, api, ws = node
+    hy = await api.account("hy@example.com")
+    await api.publish(hy.token, "cached now")  # the token's lookup is cached (AUTH_CACHE_S)
+    await api.ok("PATCH", f"/tokens/{hy.token_id}", hy.jwt, json={"scopes": ["subscribe"]})
+    await api.fails("POST", "/publish", 403, "FORBIDDEN", hy.token, json={"type": "x", "data": 1})
+    await api.ok("PATCH", f"/tokens/{hy.token_id}", hy.jwt, json={"scopes": ["publish"]})
+    await api.publish(hy.token, "allowed again")
+    await api.ok("DELETE", f"/tokens/{hy.token_id}", hy.jwt, status=204)
+    await api.fails("POST", "/publish", 401, "INVALID_TOKEN", hy.token, json={"type": "x", "data": 1})

@@ -240,17 +240,19 @@ async def list_messages(request: web.Request) -> web.StreamResponse:
     if kind is not None and not TYPE_PATTERN.match(kind):
         raise validation_error("type", "must be 1-64 characters of [A-Za-z0-9_.:-]")
     since, until = _time_param(request, "since"), _time_param(request, "until")
-    before_created, before_id = 2**62, "~"
+    # Newest first in inbox order: the cursor is the publish's place in the target's inbox, so
+    # publishes within the same millisecond still come back in the order they were accepted.
+    before = 2**62
     if page.after is not None:
         if (
-            len(page.after) != 2
+            len(page.after) != 1
             or not isinstance(page.after[0], int)
-            or not isinstance(page.after[1], str)
+            or isinstance(page.after[0], bool)
         ):
             raise validation_error("cursor", "is not a valid cursor")
-        before_created, before_id = page.after
-    clauses = ["user_id = $1", "(created_at < $2 OR (created_at = $2 AND id < $3))"]
-    args: list[Any] = [user_id, before_created, before_id]
+        before = page.after[0]
+    clauses = ["user_id = $1", "cursor < $2"]
+    args: list[Any] = [user_id, before]
     for column, op, value in (
         ("type", "=", kind),
         ("created_at", ">=", since),
@@ -263,10 +265,10 @@ async def list_messages(request: web.Request) -> web.StreamResponse:
     rows = await request.app[SERVICES].db.fetch(
         "SELECT id, user_id, type, data, target_device, publisher_user_id, token_id, cursor, created_at,"
         f" expires_at, delivered_at FROM published_messages WHERE {' AND '.join(clauses)}"
-        f" ORDER BY created_at DESC, id DESC LIMIT ${len(args)}",
+        f" ORDER BY cursor DESC LIMIT ${len(args)}",
         *args,
     )
-    return ok(request, page.result(rows, lambda r: [r["created_at"], r["id"]], render_message))
+    return ok(request, page.result(rows, lambda r: [r["cursor"]], render_message))
 
 
 def _percentile(sorted_values: list[int], fraction: float) -> int | None:

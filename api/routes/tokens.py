@@ -236,6 +236,8 @@ async def update_token(request: web.Request) -> web.StreamResponse:
                 ip=client_ip(request),
                 details={"token_id": token_id, "fields": sorted(changes)},
             )
+    if changes:  # after the commit: a lookup in between must not cache the old row again
+        revocation.forget_cached_token(services, token_id)
     return ok(request, render_token(row))
 
 

@@ -56,6 +56,17 @@ def _map_errors() -> Iterator[None]:
         raise BackendUnavailable(f"postgresql: {exc}") from exc
 
 
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset on release: nothing to undo.
+
+    asyncpg's default runs ``RESET ALL; UNLISTEN *; CLOSE ALL; pg_advisory_unlock_all()`` on every
+    release, one more round trip per query (15 % of the server's samples under the durable
+    publish benchmark). This store leaves no session state behind: the schema is a startup
+    parameter, nothing LISTENs or SETs, the migration lock is released in a ``finally``. asyncpg
+    still rolls back a transaction left open before calling this.
+    """
+
+
 def _rowcount(status: str) -> int:
     tail = status.rsplit(" ", 1)[-1]
     return int(tail) if tail.isdigit() else 0
@@ -119,6 +130,7 @@ class PostgresDatabase:
                 server_settings=settings,
                 timeout=10,
                 command_timeout=30,
+                reset=_keep_session,
             )
         return cls(pool, schema)
 

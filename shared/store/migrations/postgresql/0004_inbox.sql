@@ -52,7 +52,8 @@ CREATE TABLE published_messages (
     expires_at BIGINT,
     delivered_at BIGINT                      -- first time a socket of the target was sent it
 );
-CREATE INDEX published_messages_user_idx ON published_messages (user_id, created_at, id);
+-- History newest first: a user's messages in inbox order (cursor), filtered by time.
+CREATE INDEX published_messages_user_idx ON published_messages (user_id, cursor);
 
 -- Idempotent requests (publish idempotency_key, /ws request_id): the first reply, kept 24 h.
 -- A row with reply NULL is a claim: its first attempt is still running (or died, see claimed_at).
