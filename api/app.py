@@ -23,6 +23,7 @@ ROUTE_MODULES: tuple[str, ...] = (
     "api.routes.mail",
     "api.routes.devices",
     "api.routes.books",
+    "api.routes.publish",
 )
 
 
@@ -30,7 +31,9 @@ def create_app(services: Services) -> web.Application:
     settings = services.settings
     # client_max_size bounds what request.read()/json() accept; larger bodies answer 413 in the
     # envelope. Multipart endpoints (photos) stream and enforce their own limits.
-    app = web.Application(middlewares=[envelope_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[envelope_middleware], client_max_size=settings.max_body_bytes
+    )
     app[SERVICES] = services
     app[MAX_BODY] = settings.max_body_bytes
     for name in ROUTE_MODULES:

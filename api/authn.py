@@ -20,6 +20,7 @@ so behind a proxy every client shares the proxy's limits unless the proxy sets t
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 
 import jwt
@@ -39,6 +40,7 @@ API_TOKEN_PREFIX = "sbt_"
 USER_SCOPES: frozenset[str] = SCOPES - {"admin"}
 # last_used_at is written at most this often per token, not on every request (publish runs at 200/s).
 LAST_USED_GRANULARITY_MS = 60_000
+TOKEN_CACHE_MAX = 10_000  # cached API tokens per process; the cache starts over when full
 
 Resolver = Callable[[str], Awaitable[Principal]]
 _PRINCIPAL_KEY = web.RequestKey("principal", Principal)
@@ -54,7 +56,11 @@ def client_ip(request: web.Request) -> str:
 
 
 def invalid_token(message: str = "invalid credential") -> ApiError:
-    return ApiError(ErrorCode.INVALID_TOKEN, message, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return ApiError(
+        ErrorCode.INVALID_TOKEN,
+        message,
+        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+    )
 
 
 class Authenticator:
@@ -62,6 +68,12 @@ class Authenticator:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        # API token hash -> (principal, cached until [monotonic s], expires_at ms | None): a
+        # publisher at 200 requests/s costs one store lookup per AUTH_CACHE_S, not 200. Entries of
+        # revoked or changed tokens are dropped at once on this node (forget_token, called by the
+        # routes) and on the others by the revocation notice (relay.revocation).
+        self._token_cache: dict[str, tuple[Principal, float, int | None]] = {}
+        self._token_hashes: dict[str, str] = {}  # token id -> its hash, to forget it by id
         # Dispatch point for opaque keys: later issues add e.g. ``prefixes["sbd_"] = daemon_resolver``.
         self.prefixes: dict[str, Resolver] = {API_TOKEN_PREFIX: self.api_token}
         # Dispatch point for ``alg: EdDSA`` device JWTs (E2EE devices issue); None refuses them.
@@ -106,20 +118,47 @@ class Authenticator:
             exp=claims.expires_at,
         )
 
+    def forget_token(self, token_id: str) -> None:
+        """Drop a cached token (revoked, or its scopes or expiry changed)."""
+        digest = self._token_hashes.pop(token_id, None)
+        if digest is not None:
+            self._token_cache.pop(digest, None)
+
     async def api_token(self, credential: str) -> Principal:
+        digest = hash_token(credential)
+        cached = self._token_cache.get(digest)
+        if cached is not None:
+            principal, until, expires_at = cached
+            if time.monotonic() < until and (expires_at is None or expires_at > now_ms()):
+                return principal
+            self.forget_token(str(principal.token_id))
+        principal, expires_at = await self._load_api_token(digest)
+        ttl = self.services.settings.auth_cache_s
+        if ttl > 0:
+            if len(self._token_cache) >= TOKEN_CACHE_MAX:
+                self._token_cache.clear()
+                self._token_hashes.clear()
+            self._token_cache[digest] = (principal, time.monotonic() + ttl, expires_at)
+            self._token_hashes[str(principal.token_id)] = digest
+        return principal
+
+    async def _load_api_token(self, digest: str) -> tuple[Principal, int | None]:
         db = self.services.db
         row = await db.fetchrow(
             "SELECT t.id, t.user_id, t.scopes, t.expires_at, t.last_used_at, t.revoked_at, u.email"
             " FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1",
-            hash_token(credential),
+            digest,
         )
         if row is None or row["revoked_at"] is not None:
             raise invalid_token("unknown or revoked API token")
         now = now_ms()
         expires_at = row["expires_at"]
         if expires_at is not None and expires_at <= now:
-            raise ApiError(ErrorCode.TOKEN_EXPIRED, "API token expired",
-                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+            raise ApiError(
+                ErrorCode.TOKEN_EXPIRED,
+                "API token expired",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
         last_used = row["last_used_at"]
         if last_used is None or now - last_used >= LAST_USED_GRANULARITY_MS:
             # The guard in WHERE keeps concurrent requests (and workers) to one write per minute.
@@ -130,8 +169,10 @@ class Authenticator:
                 now - LAST_USED_GRANULARITY_MS,
             )
         # Never more than the owner holds today: an operator removed from ADMIN_EMAILS loses admin.
-        scopes = frozenset(json.loads(row["scopes"])) & user_scopes(row["email"], self.services.settings.admin_email_set)
-        return Principal(
+        scopes = frozenset(json.loads(row["scopes"])) & user_scopes(
+            row["email"], self.services.settings.admin_email_set
+        )
+        principal = Principal(
             kind="api_token",
             id=row["user_id"],
             user_id=row["user_id"],
@@ -139,6 +180,7 @@ class Authenticator:
             token_id=row["id"],
             exp=expires_at // 1000 if expires_at is not None else None,
         )
+        return principal, expires_at
 
 
 def make_authenticator(services: Services) -> Authenticator:
@@ -166,7 +208,9 @@ async def require_session(request: web.Request) -> Principal:
     """A user access JWT (it has a session): for logout, sessions and account changes."""
     principal = await require_principal(request)
     if principal.kind != "user" or principal.session_id is None:
-        raise ApiError(ErrorCode.FORBIDDEN, "this endpoint needs a user access token (from /auth/login)")
+        raise ApiError(
+            ErrorCode.FORBIDDEN, "this endpoint needs a user access token (from /auth/login)"
+        )
     return principal
 
 
@@ -177,8 +221,11 @@ async def require_account_manager(request: web.Request) -> Principal:
         return principal
     if principal.kind == "api_token" and principal.has_scope("admin"):
         return principal
-    raise ApiError(ErrorCode.FORBIDDEN, "needs a user access token or an API token with the 'admin' scope",
-                   {"scope": "admin"})
+    raise ApiError(
+        ErrorCode.FORBIDDEN,
+        "needs a user access token or an API token with the 'admin' scope",
+        {"scope": "admin"},
+    )
 
 
 async def require_user_id(request: web.Request) -> tuple[Principal, str]:

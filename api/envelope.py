@@ -23,7 +23,9 @@ def meta(request: web.Request | None) -> dict[str, Any]:
     return {"timestamp": int(time.time()), "request_id": rid or new_request_id()}
 
 
-def ok(request: web.Request, data: Any = None, status: int = 200, headers: dict[str, str] | None = None) -> web.StreamResponse:
+def ok(
+    request: web.Request, data: Any = None, status: int = 200, headers: dict[str, str] | None = None
+) -> web.StreamResponse:
     """Success envelope; 204 has no body."""
     if status == 204:
         return web.Response(status=204, headers=headers)
@@ -32,7 +34,10 @@ def ok(request: web.Request, data: Any = None, status: int = 200, headers: dict[
 
 
 def error_body(
-    code: ErrorCode | str, message: str, details: dict[str, Any] | None = None, request: web.Request | None = None
+    code: ErrorCode | str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    request: web.Request | None = None,
 ) -> dict[str, Any]:
     return {
         "success": False,

@@ -44,30 +44,47 @@ def _finish(request: web.Request, response: web.StreamResponse) -> web.StreamRes
 @web.middleware
 async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     client_rid = request.headers.get("X-Request-ID", "")
-    request[REQUEST_ID_KEY] = client_rid if _CLIENT_REQUEST_ID.match(client_rid) else new_request_id()
+    request[REQUEST_ID_KEY] = (
+        client_rid if _CLIENT_REQUEST_ID.match(client_rid) else new_request_id()
+    )
     try:
         response = await handler(request)
     except ApiError as exc:
-        response = error_response(request, exc.code, exc.message, exc.details, status=exc.status, headers=exc.headers)
+        response = error_response(
+            request, exc.code, exc.message, exc.details, status=exc.status, headers=exc.headers
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _HTTP_CODES.get(exc.status, ErrorCode.INTERNAL_ERROR if exc.status >= 500 else ErrorCode.VALIDATION_ERROR)
+        code = _HTTP_CODES.get(
+            exc.status,
+            ErrorCode.INTERNAL_ERROR if exc.status >= 500 else ErrorCode.VALIDATION_ERROR,
+        )
         details: dict[str, object] = {}
         if exc.status == 405 and isinstance(exc, web.HTTPMethodNotAllowed):
             details["allowed"] = sorted(exc.allowed_methods)
-        message = {404: "no such path", 405: "method not allowed", 413: "request body too large"}.get(
-            exc.status, exc.reason.lower()
-        )
+        message = {
+            404: "no such path",
+            405: "method not allowed",
+            413: "request body too large",
+        }.get(exc.status, exc.reason.lower())
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        response = error_response(request, code, message, details, status=exc.status, headers=headers)
+        response = error_response(
+            request, code, message, details, status=exc.status, headers=headers
+        )
     except ConflictError as exc:
-        response = error_response(request, ErrorCode.CONFLICT, "conflicts with an existing resource")
+        response = error_response(
+            request, ErrorCode.CONFLICT, "conflicts with an existing resource"
+        )
         log.info("conflict: %s", exc.constraint)
     except BackendUnavailable as exc:
         log.error("backend unavailable: %s", exc)
-        response = error_response(request, ErrorCode.SERVICE_UNAVAILABLE, "a backend is unavailable",
-                                  headers={"Retry-After": "5"})
+        response = error_response(
+            request,
+            ErrorCode.SERVICE_UNAVAILABLE,
+            "a backend is unavailable",
+            headers={"Retry-After": "5"},
+        )
     except StoreError:
         log.exception("database error")
         response = error_response(request, ErrorCode.DATABASE_ERROR, "database error")

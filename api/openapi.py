@@ -45,32 +45,48 @@ def errors(*statuses: int) -> dict[str, Any]:
 _META = {
     "type": "object",
     "required": ["timestamp", "request_id"],
-    "properties": {"timestamp": {"type": "integer", "description": "unix seconds"}, "request_id": {"type": "string"}},
+    "properties": {
+        "timestamp": {"type": "integer", "description": "unix seconds"},
+        "request_id": {"type": "string"},
+    },
 }
 
 _SECURITY_SCHEMES = {
     "userJwt": {
-        "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
         "description": "User access JWT (15 min) from POST /api/v1/auth/login or /auth/refresh.",
     },
     "apiToken": {
-        "type": "http", "scheme": "bearer", "bearerFormat": "sbt_...",
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "sbt_...",
         "description": "Scoped opaque API token from POST /api/v1/tokens.",
     },
     "daemonKey": {
-        "type": "http", "scheme": "bearer", "bearerFormat": "sbd_...",
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "sbd_...",
         "description": "Daemon device API key from POST /api/v1/daemon/register.",
     },
     "deviceJwt": {
-        "type": "http", "scheme": "bearer", "bearerFormat": "JWT (EdDSA)",
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT (EdDSA)",
         "description": "JWT signed by an E2EE device's own Ed25519 key (alg EdDSA), verified with its registered public key.",
     },
 }
 
 
-def _ws_operation(summary: str, description: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
+def _ws_operation(
+    summary: str, description: str, parameters: list[dict[str, Any]]
+) -> dict[str, Any]:
     token = {
-        "name": "token", "in": "query", "required": False, "schema": {"type": "string"},
+        "name": "token",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
         "description": "Credential for browsers that cannot set Authorization (same kinds as the header).",
     }
     return {
@@ -81,7 +97,11 @@ def _ws_operation(summary: str, description: str, parameters: list[dict[str, Any
         "parameters": [token, *parameters],
         "responses": {
             "101": {"description": "Switching Protocols: the socket is open and subscribed."},
-            "401": ERROR_REF, "403": ERROR_REF, "404": ERROR_REF, "429": ERROR_REF, "503": ERROR_REF,
+            "401": ERROR_REF,
+            "403": ERROR_REF,
+            "404": ERROR_REF,
+            "429": ERROR_REF,
+            "503": ERROR_REF,
         },
     }
 
@@ -92,7 +112,14 @@ WEBSOCKET_PATHS: Operations = {
             **_ws_operation(
                 "Open the principal's inbox socket",
                 "Users, daemon devices and API tokens with scope subscribe.",
-                [{"name": "device_id", "in": "query", "required": False, "schema": {"type": "string"}}],
+                [
+                    {
+                        "name": "device_id",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    }
+                ],
             ),
             "security": [{"userJwt": []}, {"apiToken": []}, {"daemonKey": []}],
         }
@@ -103,8 +130,18 @@ WEBSOCKET_PATHS: Operations = {
                 "Open a book's E2EE relay socket",
                 "Member devices of the book.",
                 [
-                    {"name": "book_id", "in": "path", "required": True, "schema": {"type": "string"}},
-                    {"name": "since", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
+                    {
+                        "name": "book_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
                 ],
             ),
             "security": [{"deviceJwt": []}],
@@ -134,13 +171,17 @@ def _components() -> dict[str, Any]:
     success = {
         "type": "object",
         "required": ["success", "data", "meta"],
-        "properties": {"success": {"const": True}, "data": {}, "meta": {"$ref": "#/components/schemas/Meta"}},
+        "properties": {
+            "success": {"const": True},
+            "data": {},
+            "meta": {"$ref": "#/components/schemas/Meta"},
+        },
     }
     return {
         "schemas": {"Meta": _META, "Success": success, "Error": error},
         "responses": {
             "Error": {
-                "description": "Error envelope; error.code names the failure (README.md \"REST conventions\").",
+                "description": 'Error envelope; error.code names the failure (README.md "REST conventions").',
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
             }
         },
@@ -186,7 +227,7 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
             "version": "1.0",
             "description": "Realtime relay server: REST under /api/v1, operations endpoints, and "
             "the WebSocket upgrades /ws and /ws/relay/{book_id}. Responses use the envelope of "
-            "README.md \"REST conventions\".",
+            'README.md "REST conventions".',
         },
         "servers": [{"url": settings.effective_public_url}],
         "paths": merge([*_module_operations(), WEBSOCKET_PATHS]),

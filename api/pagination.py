@@ -23,7 +23,11 @@ MAX_LIMIT = 200
 
 
 def encode_cursor(key: Sequence[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(key), separators=(",", ":")).encode()).decode().rstrip("=")
+    return (
+        base64.urlsafe_b64encode(json.dumps(list(key), separators=(",", ":")).encode())
+        .decode()
+        .rstrip("=")
+    )
 
 
 def decode_cursor(text: str) -> list[Any]:
@@ -48,7 +52,9 @@ class Page:
         raw = request.query.get("cursor")
         return cls(limit, decode_cursor(raw) if raw else None)
 
-    def result(self, rows: Sequence[Any], key: Callable[[Any], Sequence[Any]], render: Callable[[Any], Any]) -> dict[str, Any]:
+    def result(
+        self, rows: Sequence[Any], key: Callable[[Any], Sequence[Any]], render: Callable[[Any], Any]
+    ) -> dict[str, Any]:
         """Callers fetch ``limit + 1`` rows; the extra one tells whether a next page exists."""
         items = list(rows[: self.limit])
         more = len(rows) > self.limit

@@ -22,15 +22,22 @@ _MISSING: Any = object()
 async def read_json(request: web.Request) -> Body:
     """Parse the JSON object body (size already bounded by the app's client_max_size)."""
     if request.content_length is not None and request.content_length > request.app[MAX_BODY]:
-        raise ApiError(ErrorCode.PAYLOAD_TOO_LARGE, "request body too large",
-                       {"limit": request.app[MAX_BODY]})
+        raise ApiError(
+            ErrorCode.PAYLOAD_TOO_LARGE, "request body too large", {"limit": request.app[MAX_BODY]}
+        )
     raw = await request.read()
     if not raw.strip():
-        raise ApiError(ErrorCode.VALIDATION_ERROR, "a JSON object body is required", {"field": "body"})
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR, "a JSON object body is required", {"field": "body"}
+        )
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(ErrorCode.VALIDATION_ERROR, "body is not valid JSON", {"field": "body", "reason": str(exc)[:200]}) from exc
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR,
+            "body is not valid JSON",
+            {"field": "body", "reason": str(exc)[:200]},
+        ) from exc
     if not isinstance(value, dict):
         raise ApiError(ErrorCode.VALIDATION_ERROR, "body must be a JSON object", {"field": "body"})
     return Body(value)
@@ -55,7 +62,13 @@ class Body:
         return name in self.data
 
     def string(
-        self, name: str, *, required: bool = True, default: str | None = None, min_len: int = 0, max_len: int = 10_000
+        self,
+        name: str,
+        *,
+        required: bool = True,
+        default: str | None = None,
+        min_len: int = 0,
+        max_len: int = 10_000,
     ) -> Any:
         value = self._get(name, required, default)
         if value is default and not required:
@@ -69,7 +82,13 @@ class Body:
         return value
 
     def integer(
-        self, name: str, *, required: bool = True, default: int | None = None, min: int | None = None, max: int | None = None
+        self,
+        name: str,
+        *,
+        required: bool = True,
+        default: int | None = None,
+        min: int | None = None,
+        max: int | None = None,
     ) -> Any:
         value = self._get(name, required, default)
         if value is default and not required:
@@ -90,7 +109,14 @@ class Body:
             raise validation_error(name, "must be a boolean")
         return value
 
-    def string_list(self, name: str, *, required: bool = True, default: list[str] | None = None, max_items: int = 1000) -> Any:
+    def string_list(
+        self,
+        name: str,
+        *,
+        required: bool = True,
+        default: list[str] | None = None,
+        max_items: int = 1000,
+    ) -> Any:
         value = self._get(name, required, default)
         if value is default and not required:
             return value
@@ -100,7 +126,9 @@ class Body:
             raise validation_error(name, f"must have at most {max_items} items")
         return value
 
-    def mapping(self, name: str, *, required: bool = True, default: dict[str, Any] | None = None) -> Any:
+    def mapping(
+        self, name: str, *, required: bool = True, default: dict[str, Any] | None = None
+    ) -> Any:
         value = self._get(name, required, default)
         if value is default and not required:
             return value

@@ -3,7 +3,7 @@
 A member device's socket is subscribed to the hub channel ``book:{book_id}`` before its first
 frame (``presence``, then ``synced``), so nothing published after that frame can be missed. Each
 ``crdt_operation`` is published once through the hub with a per-book sequence
-(``Hub.publish(..., sequence_key="bookseq:{book_id}")``): the broker assigns the seq atomically
+(``Hub.publish(..., sequence_key="bookseq:{<book_id>}")``, braces included: a Redis Cluster hash tag): the broker assigns the seq atomically
 with the publish, so every node relays a book's ops in seq order. The sender gets
 ``{"type": "ack", "id", "seq"}``; the other members get the op with ``device_id`` (from the
 credential, never from the frame), ``relay_timestamp`` and ``seq``. The payload is never decoded
@@ -55,18 +55,21 @@ MAX_OP_ID = 128
 
 
 def channel_of(book_id: str) -> str:
-    return f"book:{book_id}"
+    # The braces are a Redis Cluster hash tag: the channel and its seq counter share one slot,
+    # so the sequenced publish (one script: INCR + SPUBLISH) can run there (shared/broker/redis.py).
+    return f"book:{{{book_id}}}"
 
 
 def sequence_key_of(book_id: str) -> str:
-    return f"bookseq:{book_id}"
+    return f"bookseq:{{{book_id}}}"
 
 
 async def is_member(db: Executor, book_id: str, device_id: str) -> bool:
     """A current member (an unknown book is simply not a book the device belongs to)."""
     found = await db.fetchval(
         "SELECT 1 FROM book_members WHERE book_id = $1 AND device_id = $2 AND removed_at IS NULL",
-        book_id, device_id,
+        book_id,
+        device_id,
     )
     return found is not None
 
@@ -100,7 +103,9 @@ class OpDedupe:
     __slots__ = ("_entries", "_max", "_ttl")
 
     def __init__(self, max_entries: int = DEDUPE_MAX_ENTRIES, ttl_s: float = DEDUPE_TTL_S) -> None:
-        self._entries: OrderedDict[tuple[str, str, str], tuple[float, asyncio.Future[int]]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str, str], tuple[float, asyncio.Future[int]]] = (
+            OrderedDict()
+        )
         self._max = max_entries
         self._ttl = ttl_s
 
@@ -289,26 +294,45 @@ class BookRelay:
     def on_operation(self, conn: WsConnection, message: Message) -> None:
         socket = self.sockets.get(conn)
         if socket is None:  # a /ws socket: the same answer as any type /ws does not know
-            conn.send(error_frame(ErrorCode.VALIDATION_ERROR, f"unknown type {OP_TYPE!r}", request_id_of(message)))
+            conn.send(
+                error_frame(
+                    ErrorCode.VALIDATION_ERROR, f"unknown type {OP_TYPE!r}", request_id_of(message)
+                )
+            )
             return None
         op_id = message.get("id")
         if op_id is not None and (not isinstance(op_id, str) or not 0 < len(op_id) <= MAX_OP_ID):
-            conn.send(op_error(ErrorCode.VALIDATION_ERROR, f"'id' must be a string of 1..{MAX_OP_ID} characters",
-                               None))
+            conn.send(
+                op_error(
+                    ErrorCode.VALIDATION_ERROR,
+                    f"'id' must be a string of 1..{MAX_OP_ID} characters",
+                    None,
+                )
+            )
             return None
         payload = decode_payload(message.get("payload"))
         if not payload:
-            conn.send(op_error(ErrorCode.VALIDATION_ERROR, "'payload' must be non-empty standard base64", op_id))
+            conn.send(
+                op_error(
+                    ErrorCode.VALIDATION_ERROR, "'payload' must be non-empty standard base64", op_id
+                )
+            )
             return None
         timestamp = message.get("timestamp")
         if isinstance(timestamp, bool) or not isinstance(timestamp, int) or timestamp < 0:
-            conn.send(op_error(ErrorCode.VALIDATION_ERROR, "'timestamp' must be unix seconds (integer)", op_id))
+            conn.send(
+                op_error(
+                    ErrorCode.VALIDATION_ERROR, "'timestamp' must be unix seconds (integer)", op_id
+                )
+            )
             return None
         queue = socket.queue
         if queue is None:
             queue = socket.queue = deque()
         elif len(queue) >= self.state.settings.ws_burst:
-            conn.send(op_error(ErrorCode.RATE_LIMIT_EXCEEDED, "too many ops waiting; slow down", op_id))
+            conn.send(
+                op_error(ErrorCode.RATE_LIMIT_EXCEEDED, "too many ops waiting; slow down", op_id)
+            )
             return None
         queue.append((op_id, payload, timestamp))
         if socket.worker is None:
@@ -332,7 +356,9 @@ class BookRelay:
             if not queue and socket.queue is queue:
                 socket.queue = None
 
-    async def _relay(self, conn: WsConnection, book_id: str, op_id: Any, payload: bytes, timestamp: int) -> None:
+    async def _relay(
+        self, conn: WsConnection, book_id: str, op_id: Any, payload: bytes, timestamp: int
+    ) -> None:
         if op_id is None:  # "without one, every frame is a new op"
             seq = await self._publish(conn, book_id, op_id, payload, timestamp)
         else:
@@ -340,8 +366,9 @@ class BookRelay:
         if seq is not None:
             conn.send({"type": "ack", "id": op_id, "seq": seq})
 
-    async def _publish_once(self, conn: WsConnection, book_id: str, op_id: str, payload: bytes,
-                            timestamp: int) -> int | None:
+    async def _publish_once(
+        self, conn: WsConnection, book_id: str, op_id: str, payload: bytes, timestamp: int
+    ) -> int | None:
         """Publish unless this device already sent ``op_id`` to this book: then its first seq."""
         assert conn.device_id is not None
         key = (book_id, conn.device_id, op_id)
@@ -352,7 +379,9 @@ class BookRelay:
             except asyncio.CancelledError:
                 if not future.cancelled():
                     raise  # this task was cancelled, not the first attempt
-                conn.send(op_error(ErrorCode.SERVICE_UNAVAILABLE, "op not accepted; re-send it", op_id))
+                conn.send(
+                    op_error(ErrorCode.SERVICE_UNAVAILABLE, "op not accepted; re-send it", op_id)
+                )
                 return None
         seq: int | None = None
         try:
@@ -365,8 +394,9 @@ class BookRelay:
                 future.set_result(seq)
         return seq
 
-    async def _publish(self, conn: WsConnection, book_id: str, op_id: Any, payload: bytes,
-                       timestamp: int) -> int | None:
+    async def _publish(
+        self, conn: WsConnection, book_id: str, op_id: Any, payload: bytes, timestamp: int
+    ) -> int | None:
         """The op's seq, or None after telling the sender it was not accepted."""
         device_id = conn.device_id
         op = {
@@ -378,10 +408,15 @@ class BookRelay:
         }
         try:
             seq = await self.state.hub.publish(
-                channel_of(book_id), op, exclude_device=device_id, sequence_key=sequence_key_of(book_id)
+                channel_of(book_id),
+                op,
+                exclude_device=device_id,
+                sequence_key=sequence_key_of(book_id),
             )
         except BackendUnavailable:
-            conn.send(op_error(ErrorCode.SERVICE_UNAVAILABLE, "broker unavailable; re-send the op", op_id))
+            conn.send(
+                op_error(ErrorCode.SERVICE_UNAVAILABLE, "broker unavailable; re-send the op", op_id)
+            )
             return None
         assert seq is not None  # a sequenced publish always returns its seq
         return int(seq)

@@ -31,13 +31,24 @@ def _parser() -> argparse.ArgumentParser:
     epilog += describe_settings()
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="switchboard", description="Switchboard realtime relay and REST server.", epilog=epilog,
+        prog="switchboard",
+        description="Switchboard realtime relay and REST server.",
+        epilog=epilog,
         formatter_class=fmt,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("serve", help="run the server (WORKERS processes on PORT)", epilog=epilog, formatter_class=fmt)
-    commands.add_parser("migrate", help="apply pending database migrations and exit", epilog=epilog,
-                        formatter_class=fmt)
+    commands.add_parser(
+        "serve",
+        help="run the server (WORKERS processes on PORT)",
+        epilog=epilog,
+        formatter_class=fmt,
+    )
+    commands.add_parser(
+        "migrate",
+        help="apply pending database migrations and exit",
+        epilog=epilog,
+        formatter_class=fmt,
+    )
     return parser
 
 

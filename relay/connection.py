@@ -6,6 +6,27 @@ right there, following websockets' ritual (STYLE.md 2):
     receive_data -> events_received -> send data_to_send (always: the protocol answers pings and
     close frames by itself) -> arm the close deadline if close_expected() -> dispatch events.
 
+While the socket is OPEN, ``data_received`` hands the protocol one frame at a time
+(``frame_length``), so every frame is dispatched before the protocol parses the next: websockets'
+``receive_data`` would otherwise parse a whole read, answer (or fail on) a close or a bad frame
+near its end, and leave the frames before it to be dispatched after our close frame. The
+ordering that gives, exactly as if each frame had arrived in a read of its own:
+
+* a message before the client's close frame is dispatched while the socket is still OPEN, so a
+  synchronous answer (``pong``, an ``error`` frame) goes out before our close frame; an answer
+  that needs an ``await`` (store, broker) and finishes after the close frame is dropped by
+  ``send``: RFC 6455 5.5.1 forbids data frames after a Close. The request itself was received
+  and acted on; a client that wants the answer waits for it before closing.
+* a frame that fails the connection (invalid UTF-8: 1007, too many fragments: 1009, or the
+  protocol's own 1002/1009) stops everything after it, a client close frame included: the close
+  code is the failure's, and websockets discards the rest of the stream (RFC 6455 7.1.7).
+
+Fragments are reassembled into one ``bytearray`` (not a list of ``bytes``: a megabyte of one-byte
+fragments would be a million objects), at most ``WS_MAX_FRAGMENTS`` frames per message, text
+checked for UTF-8 as each fragment arrives (fail fast). Every data frame, fragment or not, takes a
+token of the inbound rate budget (realtime.md: frames per second): a message split into n frames
+costs n parses, so it costs n tokens. Control frames are answered by the protocol and do not count.
+
 Timers, not tasks, and no timer per idle socket: one ``HeartbeatWheel`` per server visits every
 socket once per ``heartbeat_s`` to ping it (sockets spread over its slots); a socket found silent
 for more than one period gets a timer of its own to its exact deadline, closed once silent for
@@ -19,6 +40,7 @@ own types there and attaches to ``on_open`` / ``on_close``.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import inspect
 import logging
 import os
@@ -49,6 +71,30 @@ CLOSE_TIMEOUT_S = 3.0
 # WS_OUTBOUND_LIMIT_BYTES of memory for that whole time.
 SLOW_CLOSE_TIMEOUT_S = 1.0
 _DATA_OPCODES = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
+def frame_length(data: bytes, start: int = 0) -> int | None:
+    """Bytes of the frame starting at ``data[start]``, header included (RFC 6455 5.2); None while
+    its length field is incomplete. Only the length is read: validating the frame is the protocol's
+    job (a 64-bit length with its top bit set gives a huge size, which the protocol refuses)."""
+    available = len(data) - start
+    if available < 2:
+        return None
+    second = data[start + 1]
+    n = second & 0x7F
+    size = 6 if second & 0x80 else 2  # the masking key follows the length fields
+    if n == 126:
+        if available < 4:
+            return None
+        n = int.from_bytes(data[start + 2 : start + 4], "big")
+        size += 2
+    elif n == 127:
+        if available < 10:
+            return None
+        n = int.from_bytes(data[start + 2 : start + 10], "big")
+        size += 8
+    return size + n
 
 
 def release_handshake(protocol: ServerProtocol) -> bool:
@@ -141,7 +187,7 @@ class WsConnection(asyncio.Protocol):
     # __slots__: one of these per socket, and a worker holds tens of thousands (STYLE.md hot path).
     __slots__ = (
         "id",
-        "principal",
+        "_principal",
         "device_id",
         "codec",
         "protocol",
@@ -153,8 +199,13 @@ class WsConnection(asyncio.Protocol):
         "_close_deadline",
         "_bucket",
         "_warned",
+        "_frame_left",
+        "_head",
         "_fragments",
+        "_fragment_count",
         "_fragment_text",
+        "_dropping",
+        "_utf8",
         "outbox",
     )
 
@@ -172,7 +223,7 @@ class WsConnection(asyncio.Protocol):
         self.protocol = protocol
         self.transport = transport
         self.id = connection_id
-        self.principal = principal
+        self._principal = principal
         self.device_id = device_id
         self.codec = codec
         self._loop = asyncio.get_running_loop()
@@ -183,8 +234,17 @@ class WsConnection(asyncio.Protocol):
         rate = RateSpec.parse(state.settings.ws_rate)
         self._bucket = TokenBucket(rate.count / rate.period_s, state.settings.ws_burst, now)
         self._warned = False
-        self._fragments: list[bytes] = []
+        # Splitting reads into frames (data_received): bytes left of the frame being fed, and the
+        # start of a frame whose length field has not fully arrived yet.
+        self._frame_left = 0
+        self._head = b""
+        # The fragmented message being reassembled (None between messages), its frame count, its
+        # type, whether it is being dropped (over the rate budget), and its UTF-8 check.
+        self._fragments: bytearray | None = None
+        self._fragment_count = 0
         self._fragment_text = False
+        self._dropping = False
+        self._utf8: codecs.IncrementalDecoder | None = None
         # Frames owed to this socket that could not share its channel's joined bytes (its own
         # frames, see send(), and the broadcasts queued before them), written at the tick's flush
         # (Hub.queue_own) or before anything the protocol writes (Hub.flush_member): order holds.
@@ -204,10 +264,25 @@ class WsConnection(asyncio.Protocol):
         for hook in self._state.on_open:
             hook(self)
         heartbeat_wheel(self._state).add(self)
+        if self._state.draining:
+            # Upgraded while the drain was walking the registry (the credential check awaits):
+            # its shard may be done already, so this socket says 1001 itself.
+            self.close(CloseCode.GOING_AWAY)
 
     @property
     def open(self) -> bool:
         return self.protocol.state is OPEN
+
+    @property
+    def principal(self) -> Principal:
+        return self._principal
+
+    @principal.setter
+    def principal(self, principal: Principal) -> None:
+        # A live refresh may bring another token or session of the same principal (relay.refresh):
+        # the registry's revocation indexes must follow, or revoking the new token would miss us.
+        old, self._principal = self._principal, principal
+        self._state.registry.reindex(self, old)  # a no-op until start() and after connection_lost
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.receive_eof()  # idempotent; moves the protocol to CLOSED
@@ -240,6 +315,29 @@ class WsConnection(asyncio.Protocol):
     # -- inbound --------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         self._last_rx = self._loop.time()
+        if self._head:  # a frame whose length field was cut by the previous read
+            data = self._head + data
+            self._head = b""
+        start, end = 0, len(data)
+        while start < end:
+            if not self.open:
+                # Closing: nothing is dispatched any more (frames after a close are discarded, RFC
+                # 6455 1.4), so the protocol may parse the rest at once.
+                self._receive(data[start:] if start else data)
+                return
+            if self._frame_left == 0:
+                size = frame_length(data, start)
+                if size is None:
+                    self._head = data[start:]  # at most 9 bytes
+                    return
+                self._frame_left = size
+            stop = min(end, start + self._frame_left)
+            self._frame_left -= stop - start
+            self._receive(data if start == 0 and stop == end else data[start:stop])
+            start = stop
+
+    def _receive(self, data: bytes) -> None:
+        """The ritual (STYLE.md 2) for bytes holding at most one frame while OPEN."""
         self.protocol.receive_data(data)
         events = self.protocol.events_received()
         self._send_data()
@@ -254,25 +352,61 @@ class WsConnection(asyncio.Protocol):
         # traffic for the heartbeat but not against the message budget.
         if frame.opcode not in _DATA_OPCODES or not self.open:
             return
-        if frame.opcode is not Opcode.CONT:
+        if frame.opcode is not Opcode.CONT:  # the first frame of a message
             self._fragment_text = frame.opcode is Opcode.TEXT
-        if not frame.fin:
-            self._fragments.append(bytes(frame.data))  # the protocol bounds the total by max_size
-            return
-        data = bytes(frame.data)
-        if self._fragments:
-            self._fragments.append(data)
-            data = b"".join(self._fragments)
-            self._fragments.clear()
+            self._fragment_count = 1
+            self._dropping = False
+        else:
+            self._fragment_count += 1
+            if self._fragment_count > self._state.settings.ws_max_fragments:
+                # 1009, not 1008: the message is too big to process, counted in frames instead of
+                # bytes. RFC 6455 7.4.1 keeps 1008 for when nothing more specific fits, and our
+                # contract reads 1008 as "credential revoked", which tells a client to drop it.
+                self._fail_message(CloseCode.TOO_BIG, "too many fragments")
+                return
         if not self._admit():
+            # Over the budget: the whole message is dropped. Its remaining fragments are still
+            # read, counted and charged (a second excess in a row closes 4029), but not kept.
+            self._dropping = True
+            self._fragments = self._utf8 = None
+            return
+        if self._dropping:
+            return
+        data = frame.data
+        if frame.fin and self._fragments is None:  # unfragmented, the common case: no copy
+            payload = data if isinstance(data, bytes) else bytes(data)  # the parser gives bytes
+            if self._fragment_text:
+                try:
+                    payload.decode()
+                except UnicodeDecodeError as exc:
+                    self._fail_message(
+                        CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}"
+                    )
+                    return
+            self._on_message(payload)
             return
         if self._fragment_text:
+            if self._utf8 is None:
+                self._utf8 = _utf8_decoder()
             try:
-                data.decode()
+                self._utf8.decode(data, frame.fin)  # fails at the fragment that breaks UTF-8
             except UnicodeDecodeError as exc:
-                self.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                self._fail_message(
+                    CloseCode.INVALID_DATA, f"{exc.reason} in fragment {self._fragment_count}"
+                )
                 return
-        self._on_message(data)
+        if self._fragments is None:
+            self._fragments = bytearray(data)  # the protocol bounds the total by max_size
+        else:
+            self._fragments += data
+        if frame.fin:
+            message = bytes(self._fragments)
+            self._fragments = self._utf8 = None
+            self._on_message(message)
+
+    def _fail_message(self, code: CloseCode, reason: str) -> None:
+        self._fragments = self._utf8 = None
+        self.fail(code, reason)
 
     def _admit(self) -> bool:
         """Inbound rate limit: an error frame on the first excess, 4029 if the flood goes on."""
@@ -295,15 +429,20 @@ class WsConnection(asyncio.Protocol):
         handler = self._state.handlers.get(message["type"])
         if handler is None:
             self.send(
-                error_frame(ErrorCode.VALIDATION_ERROR, f"unknown type {message['type'][:64]!r}",
-                            request_id_of(message))
+                error_frame(
+                    ErrorCode.VALIDATION_ERROR,
+                    f"unknown type {message['type'][:64]!r}",
+                    request_id_of(message),
+                )
             )
             return
         try:
             result = handler(self, message)
         except Exception:
             log.exception("handler for %r failed", message["type"])
-            self.send(error_frame(ErrorCode.INTERNAL_ERROR, "internal error", request_id_of(message)))
+            self.send(
+                error_frame(ErrorCode.INTERNAL_ERROR, "internal error", request_id_of(message))
+            )
             return
         if inspect.isawaitable(result):
             _ = self._state.spawn(self._await_handler(result, message))
@@ -313,7 +452,9 @@ class WsConnection(asyncio.Protocol):
             await result
         except Exception:
             log.exception("handler for %r failed", message["type"])
-            self.send(error_frame(ErrorCode.INTERNAL_ERROR, "internal error", request_id_of(message)))
+            self.send(
+                error_frame(ErrorCode.INTERNAL_ERROR, "internal error", request_id_of(message))
+            )
 
     # -- outbound -------------------------------------------------------------------------------
     def send(self, message: Message) -> None:
@@ -359,8 +500,15 @@ class WsConnection(asyncio.Protocol):
     def abort(self) -> None:
         self.transport.abort()
 
+    def write_frames(self, frames: list[bytes]) -> None:
+        """Write prebuilt frames now, in one write with (and after) everything the socket is owed
+        (broadcasts queued this tick, its own queued frames): the inbox's entries."""
+        if self.open:
+            self._state.hub.flush_member(self, frames)
+
     def flush_outbox(self) -> None:
-        """Write the queued frames as one write; 4008 if that passes the outbound bound."""
+        """Write the outbox as one write (the hub's flush); 4008 if that passes the outbound
+        bound. The outbox holds what the hub put there in order: use ``send``/``write_frames``."""
         outbox = self.outbox
         if not outbox:
             return

@@ -19,7 +19,7 @@ import asyncio
 import logging
 from typing import cast
 
-from relay import book_relay
+from relay import book_relay, inbox
 from relay.connection import WsConnection
 from relay.httphead import HeadError, RequestHead, find_head_end, parse_head
 from relay.responses import error_response_bytes
@@ -58,13 +58,18 @@ class HeadReader(asyncio.Protocol):
         self._transport = transport = cast(asyncio.Transport, transport)
         state = self._state
         if state.draining:
-            self._refuse(ErrorCode.SERVICE_UNAVAILABLE, "server is draining", headers={"Retry-After": "1"})
+            self._refuse(
+                ErrorCode.SERVICE_UNAVAILABLE, "server is draining", headers={"Retry-After": "1"}
+            )
             return
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
         if not state.acquire_handshake(ip):
-            self._refuse(ErrorCode.SERVICE_UNAVAILABLE, "too many unfinished handshakes from this address",
-                         headers={"Retry-After": "1"})
+            self._refuse(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "too many unfinished handshakes from this address",
+                headers={"Retry-After": "1"},
+            )
             return
         self._ip = ip
         state.pending.add(self)
@@ -93,7 +98,9 @@ class HeadReader(asyncio.Protocol):
             self._refuse(ErrorCode.VALIDATION_ERROR, str(exc))
             return
         if self._state.draining:
-            self._refuse(ErrorCode.SERVICE_UNAVAILABLE, "server is draining", headers={"Retry-After": "1"})
+            self._refuse(
+                ErrorCode.SERVICE_UNAVAILABLE, "server is draining", headers={"Retry-After": "1"}
+            )
         elif head.wants_relay:
             self._start_upgrade(head)
         else:
@@ -136,7 +143,11 @@ class HeadReader(asyncio.Protocol):
             return
         except BackendUnavailable:
             log.warning("socket upgrade refused: a backend is unavailable")
-            self._refuse(ErrorCode.SERVICE_UNAVAILABLE, "a backend is unavailable", headers={"Retry-After": "5"})
+            self._refuse(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "a backend is unavailable",
+                headers={"Retry-After": "5"},
+            )
             return
         except Exception:
             log.exception("socket upgrade failed")
@@ -148,8 +159,13 @@ class HeadReader(asyncio.Protocol):
         self._finish()
         self._buffer = bytearray()
         conn = WsConnection(
-            self._state, accepted.protocol, transport, accepted.connection_id,
-            accepted.principal, accepted.device_id, accepted.codec,
+            self._state,
+            accepted.protocol,
+            transport,
+            accepted.connection_id,
+            accepted.principal,
+            accepted.device_id,
+            accepted.codec,
         )
         transport.set_protocol(conn)
         conn.start()
@@ -157,7 +173,8 @@ class HeadReader(asyncio.Protocol):
             # Subscribed before ``presence``, its first frame (realtime.md "Handshake").
             await book_relay.for_state(self._state).opened(conn, accepted.book_id)
         else:
-            conn.send(self._state.hello(conn))
+            # Subscribed to the inbox before ``hello``; catch-up follows it (relay.inbox).
+            await inbox.for_state(self._state).opened(conn)
         transport.resume_reading()
 
     # -- endings --------------------------------------------------------------------------------
@@ -197,7 +214,9 @@ class HeadReader(asyncio.Protocol):
         self._finish()
         if transport.is_closing():
             return
-        transport.write(error_response_bytes(code, message, details, status=status, headers=headers))
+        transport.write(
+            error_response_bytes(code, message, details, status=status, headers=headers)
+        )
         if transport.can_write_eof():
             transport.write_eof()  # the client sees the whole answer, then end of stream
         if was_paused:

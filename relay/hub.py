@@ -40,7 +40,7 @@ import base64
 import json
 import logging
 import zlib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.hub")
 
 Message = dict[str, Any]
+Route = Callable[[str, Collection["WsConnection"], bytes], None]
 
 
 def _json_default(value: Any) -> Any:
@@ -165,6 +166,8 @@ class Hub:
         "_dirty",
         "_flush_scheduled",
         "outbound_limit",
+        "routes",
+        "listeners",
     )
 
     def __init__(
@@ -176,7 +179,9 @@ class Hub:
         # A socket's channels: the name alone for the usual one channel (a set costs ~200 bytes
         # per socket), a set of two or more otherwise.
         self._channels_of: dict[WsConnection, str | set[str]] = {}
-        self._asked: set[str] = set()  # channels the broker was asked to subscribe (and not since dropped)
+        self._asked: set[str] = (
+            set()
+        )  # channels the broker was asked to subscribe (and not since dropped)
         self._confirmed: set[str] = set()  # ... of which the broker confirmed the subscription
         self._syncing: dict[str, asyncio.Task[None]] = {}  # channel -> its reconciling task
         self._closed = False
@@ -187,6 +192,11 @@ class Hub:
         self._flush_scheduled = False
         # A socket whose write buffer passes this is a slow consumer (4008): WS_OUTBOUND_LIMIT_BYTES.
         self.outbound_limit = outbound_limit
+        # Channels whose messages are not hub envelopes: "kind:..." -> handler(channel, members,
+        # data). The inbox (relay.inbox) decides per socket what to send, so it takes over there.
+        self.routes: dict[str, Route] = {}
+        # Node-wide channels (no members: revocation notices): exact name -> handler(data).
+        self.listeners: dict[str, Callable[[bytes], None]] = {}
 
     async def start(self) -> None:
         await self.broker.start(self.on_broker_message)
@@ -304,7 +314,9 @@ class Hub:
         ``exclude_device``). With ``sequence_key`` the broker numbers it atomically with the
         publish, every node adds ``seq`` to the message, and the seq is returned."""
         if sequence_key is None:
-            await self.broker.publish(channel, pack_envelope(message, exclude_device, sequenced=False))
+            await self.broker.publish(
+                channel, pack_envelope(message, exclude_device, sequenced=False)
+            )
             return None
         body = pack_envelope(message, exclude_device, sequenced=True)
         return await self.broker.publish_sequenced(sequence_key, channel, body)
@@ -313,9 +325,22 @@ class Hub:
         """The last seq ``publish`` took from ``sequence_key`` (0 before the first)."""
         return await self.broker.sequence_head(sequence_key)
 
+    async def listen(self, channel: str, handler: Callable[[bytes], None]) -> None:
+        """Receive every message of ``channel`` on this node for as long as the hub runs."""
+        self.listeners[channel] = handler
+        await self.broker.subscribe(channel)
+
     def on_broker_message(self, channel: str, data: bytes) -> None:
+        listener = self.listeners.get(channel)
+        if listener is not None:
+            listener(data)
+            return
         members = self._shard(channel).get(channel)
         if not members:
+            return
+        route = self.routes.get(channel.partition(":")[0])
+        if route is not None:
+            route(channel, members.keys(), data)
             return
         try:
             message, exclude, seq = unpack_envelope(data)
@@ -372,13 +397,17 @@ class Hub:
             conn.flush_outbox()
         self._schedule()
 
-    def flush_member(self, conn: WsConnection) -> None:
-        """Write everything queued for ``conn`` now: before it writes anything else itself."""
+    def flush_member(self, conn: WsConnection, then: list[bytes] | None = None) -> None:
+        """Write everything queued for ``conn`` now, followed by the frames ``then``: before it
+        writes anything else itself (protocol data, the inbox's entries)."""
+        outbox = conn.outbox
         if self._batches:
             frames = self._pending_frames(conn)
             if frames:
-                conn.outbox.extend(frames)
-        if conn.outbox:
+                outbox.extend(frames)
+        if then:
+            outbox.extend(then)
+        if outbox:
             conn.flush_outbox()
 
     def _pending_frames(self, conn: WsConnection) -> list[bytes]:

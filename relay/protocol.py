@@ -40,7 +40,9 @@ class MessageError(ValueError):
         self.request_id = request_id
 
 
-def select_subprotocol(protocol: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+def select_subprotocol(
+    protocol: ServerProtocol, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
     """Our first subprotocol the client offers; none offered (or none shared) means JSON.
 
     websockets' default refuses a client that offers no subprotocol; ours is optional.
@@ -125,7 +127,12 @@ class TokenBucket:
 
 
 def hello_frame(
-    connection_id: str, kind: str, principal_id: str, device_id: str | None, heartbeat_s: float, cursor: int
+    connection_id: str,
+    kind: str,
+    principal_id: str,
+    device_id: str | None,
+    heartbeat_s: float,
+    cursor: int,
 ) -> Message:
     return {
         "type": "hello",

@@ -90,7 +90,9 @@ class CredentialWatch:
         rid = request_id_of(message)
         token = message.get("token")
         if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
-            conn.send(error_frame(ErrorCode.VALIDATION_ERROR, "'token' must be a non-empty string", rid))
+            conn.send(
+                error_frame(ErrorCode.VALIDATION_ERROR, "'token' must be a non-empty string", rid)
+            )
             return
         try:
             principal = await authenticate(self._state.services, token)
@@ -98,7 +100,9 @@ class CredentialWatch:
             conn.send(error_frame(exc.code, exc.message, rid))
             return
         except BackendUnavailable:
-            conn.send(error_frame(ErrorCode.SERVICE_UNAVAILABLE, "a backend is unavailable; retry", rid))
+            conn.send(
+                error_frame(ErrorCode.SERVICE_UNAVAILABLE, "a backend is unavailable; retry", rid)
+            )
             return
         if not same_principal(conn.principal, principal):
             conn.send(error_frame(ErrorCode.FORBIDDEN, "the token names another principal", rid))

@@ -5,7 +5,8 @@
 .close()`` is the drain of README.md "Operations", idempotent:
 
 1. stop accepting; heads completed from now on get 503, unfinished ones are closed;
-2. every open socket gets close 1001 (reconnect elsewhere), stragglers are aborted;
+2. every open socket gets close 1001 (reconnect elsewhere), one registry shard per loop iteration;
+   sockets still open after half the remaining budget are aborted;
 3. aiohttp finishes in-flight requests and runs its cleanup contexts (mail flush and the like);
 4. the services (store, broker, limiter, blobs) close.
 
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from api.app import create_app
+from relay import revocation
 from relay.handoff import HeadReader
 from relay.state import RelayState
 from shared.codes import CloseCode
@@ -48,8 +50,13 @@ class RunningServer:
     """A listening server; ``close()`` drains it (safe to call more than once)."""
 
     def __init__(
-        self, settings: Settings, services: Services, app: web.Application,
-        runner: web.AppRunner, state: RelayState, server: asyncio.Server,
+        self,
+        settings: Settings,
+        services: Services,
+        app: web.Application,
+        runner: web.AppRunner,
+        state: RelayState,
+        server: asyncio.Server,
     ) -> None:
         self.settings = settings
         self.services = services
@@ -77,7 +84,9 @@ class RunningServer:
         self.server.close()
         for reader in list(state.pending):
             reader.close()
-        state.registry.close_all(CloseCode.GOING_AWAY)
+        # Shard by shard, yielding to the loop in between (relay.registry): with tens of
+        # thousands of sockets the close frames already written go out while the rest are closed.
+        await state.registry.close_all(CloseCode.GOING_AWAY)
         # Half the budget for the closing handshakes, the rest for aiohttp and the backends.
         if not await state.registry.wait_empty(max(0.1, (deadline - loop.time()) / 2)):
             state.registry.abort_all()
@@ -125,6 +134,7 @@ async def start_server(
     loop = asyncio.get_running_loop()
     try:
         await state.hub.start()
+        await revocation.install(state)
     except BaseException:
         await runner.cleanup()
         await services.close()
@@ -154,7 +164,10 @@ async def start_server(
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain within ``SHUTDOWN_TIMEOUT_S``."""
     running = await start_server(settings)
-    log.info("listening", extra={"host": settings.host, "port": running.port, "tls": bool(settings.tls_cert_file)})
+    log.info(
+        "listening",
+        extra={"host": settings.host, "port": running.port, "tls": bool(settings.tls_cert_file)},
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

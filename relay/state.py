@@ -12,9 +12,9 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from relay import refresh
+from relay import presence, refresh
 from relay.hub import Hub
-from relay.protocol import Message, hello_frame, pong_frame
+from relay.protocol import Message, pong_frame
 from relay.registry import ConnectionRegistry
 from shared.config import Settings
 from shared.services import Services
@@ -69,6 +69,7 @@ class RelayState:
         # Channel membership and fan-out; a socket leaves every channel when it goes.
         self.hub = Hub(services.broker, outbound_limit=settings.ws_outbound_limit_bytes)
         self.on_close.append(self.hub.unsubscribe_all)
+        presence.install(self)  # /ws presence: hooks, the heartbeat request, refresh and sweep
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` as a task the state keeps a reference to until it ends."""
@@ -81,11 +82,6 @@ class RelayState:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("relay task failed", exc_info=task.exception())
-
-    def hello(self, conn: WsConnection) -> Message:
-        """The first frame of a ``/ws`` socket. ``cursor`` is the inbox head: 0 until the inbox exists."""
-        p = conn.principal
-        return hello_frame(conn.id, p.kind, p.id, conn.device_id, self.settings.heartbeat_s, cursor=0)
 
     # -- unfinished handshakes per client IP ----------------------------------------------------
     def acquire_handshake(self, ip: str) -> bool:

@@ -25,7 +25,9 @@ from shared.principals import Principal, authenticate, bearer_from_header
 from shared.ratelimit import Limit
 
 WS_PATH = "/ws"
-RELAY_PATH = re.compile(r"^/ws/relay/([A-Za-z0-9_-]{1,64})$")  # another spelling of a book id is no book
+RELAY_PATH = re.compile(
+    r"^/ws/relay/([A-Za-z0-9_-]{1,64})$"
+)  # another spelling of a book id is no book
 WS_KINDS = frozenset({"user", "daemon", "api_token"})  # E2EE devices use /ws/relay/{book_id}
 
 
@@ -53,7 +55,9 @@ async def negotiate(state: RelayState, head: RequestHead, data: bytes) -> Accept
     if head.path != WS_PATH and relay is None:
         raise ApiError(ErrorCode.NOT_FOUND, "no such socket endpoint")
     if state.draining:
-        raise ApiError(ErrorCode.SERVICE_UNAVAILABLE, "server is draining", headers={"Retry-After": "1"})
+        raise ApiError(
+            ErrorCode.SERVICE_UNAVAILABLE, "server is draining", headers={"Retry-After": "1"}
+        )
     allowed = settings.allowed_origin_set
     origin = head.header("origin")
     if allowed and origin is not None and origin not in allowed:
@@ -84,7 +88,14 @@ async def negotiate(state: RelayState, head: RequestHead, data: bytes) -> Accept
         raise ApiError(ErrorCode.VALIDATION_ERROR, reason[:200], status=response.status_code)
     protocol.send_response(response)
     subprotocol = response.headers.get("Sec-WebSocket-Protocol")
-    return Accepted(protocol, "c-" + secrets.token_urlsafe(12), principal, device_id, codec_for(subprotocol), book_id)
+    return Accepted(
+        protocol,
+        "c-" + secrets.token_urlsafe(12),
+        principal,
+        device_id,
+        codec_for(subprotocol),
+        book_id,
+    )
 
 
 async def _admit_ws(state: RelayState, head: RequestHead) -> tuple[Principal, str | None]:

@@ -48,4 +48,6 @@ async def record(
 
 async def prune(db: Executor, older_than_days: int = RETENTION_DAYS) -> int:
     """Delete entries older than ``older_than_days``; returns how many went."""
-    return await db.execute("DELETE FROM audit_log WHERE created_at < $1", now_ms() - older_than_days * _DAY_MS)
+    return await db.execute(
+        "DELETE FROM audit_log WHERE created_at < $1", now_ms() - older_than_days * _DAY_MS
+    )

@@ -14,7 +14,11 @@ def iso_ms(ms: int | None) -> str | None:
     """``1700000000123`` -> ``"2023-11-14T22:13:20.123Z"``; None stays None."""
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 def parse_iso_ms(text: str) -> int:

@@ -85,15 +85,24 @@ async def verify_device_jwt(db: Executor, token: str) -> Principal:
             token, key, algorithms=[ALGORITHM], leeway=LEEWAY_S, options={"require": _REQUIRED}
         )
     except jwt.ExpiredSignatureError:
-        raise ApiError(ErrorCode.TOKEN_EXPIRED, "device token expired", headers=dict(_WWW_AUTHENTICATE)) from None
+        raise ApiError(
+            ErrorCode.TOKEN_EXPIRED, "device token expired", headers=dict(_WWW_AUTHENTICATE)
+        ) from None
     except jwt.PyJWTError:  # bad signature, iat in the future, a claim missing or malformed
         raise invalid("invalid device token") from None
     iat, exp, book_id = claims.get("iat"), claims.get("exp"), claims.get("book_id")
-    if not isinstance(iat, int) or isinstance(iat, bool) or not isinstance(exp, int) or isinstance(exp, bool):
+    if (
+        not isinstance(iat, int)
+        or isinstance(iat, bool)
+        or not isinstance(exp, int)
+        or isinstance(exp, bool)
+    ):
         raise invalid("invalid device token: iat and exp must be integers")
     if exp - iat > MAX_LIFETIME_S:
         raise invalid("device token lifetime exceeds 24 h")
-    if book_id is not None and (not isinstance(book_id, str) or not 0 < len(book_id) <= MAX_ID_CHARS):
+    if book_id is not None and (
+        not isinstance(book_id, str) or not 0 < len(book_id) <= MAX_ID_CHARS
+    ):
         raise invalid("invalid device token: book_id")
     return Principal(kind="device", id=sub, device_id=sub, book_id=book_id, exp=exp)
 

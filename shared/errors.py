@@ -47,7 +47,9 @@ class ApiError(SwitchboardError):
 
 
 def validation_error(field: str, message: str) -> ApiError:
-    return ApiError(ErrorCode.VALIDATION_ERROR, f"{field}: {message}", {"field": field, "reason": message})
+    return ApiError(
+        ErrorCode.VALIDATION_ERROR, f"{field}: {message}", {"field": field, "reason": message}
+    )
 
 
 class BackendError(SwitchboardError):
@@ -75,7 +77,9 @@ class BackendUnavailable(BackendError):
 class RateLimited(ApiError):
     """429 with the contract's headers, built from a limiter decision."""
 
-    def __init__(self, limit: int, remaining: int, reset_at: int, retry_after: int, message: str = "") -> None:
+    def __init__(
+        self, limit: int, remaining: int, reset_at: int, retry_after: int, message: str = ""
+    ) -> None:
         super().__init__(
             ErrorCode.RATE_LIMIT_EXCEEDED,
             message or "too many requests",

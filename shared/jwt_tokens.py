@@ -32,7 +32,9 @@ class AccessClaims:
     jti: str
 
 
-def issue_access_token(key: bytes, *, user_id: str, session_id: str, ttl_s: int, now: int | None = None) -> str:
+def issue_access_token(
+    key: bytes, *, user_id: str, session_id: str, ttl_s: int, now: int | None = None
+) -> str:
     iat = int(time.time()) if now is None else now
     claims = {
         "sub": user_id,

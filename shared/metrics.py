@@ -94,26 +94,42 @@ def _build() -> dict[str, MetricWrapperBase]:
         "http_requests_total", "REST requests answered.", ["method", "route", "status"]
     )
     m["HTTP_DURATION"] = Histogram(
-        "http_request_duration_seconds", "REST request duration.", ["method", "route"],
+        "http_request_duration_seconds",
+        "REST request duration.",
+        ["method", "route"],
         buckets=HTTP_BUCKETS,
     )
-    m["API_ERRORS"] = errors = Counter("api_errors_total", "Error envelopes sent, by code.", ["code"])
+    m["API_ERRORS"] = errors = Counter(
+        "api_errors_total", "Error envelopes sent, by code.", ["code"]
+    )
     for code in ErrorCode:
         errors.labels(code=code.value)
 
     m["WS_CONNECTIONS"] = conns = Gauge(
-        "websocket_connections_active", "Open WebSocket connections.", ["endpoint"],
+        "websocket_connections_active",
+        "Open WebSocket connections.",
+        ["endpoint"],
         multiprocess_mode="livesum",
     )
     m["SYNC_OPS"] = sync = Counter("sync_operations_total", "CRDT operations received.", ["result"])
     for result in SYNC_RESULTS:
         m[f"SYNC_OPS_{result.upper()}"] = sync.labels(result=result)
-    m["FRAMES_IN"] = frames_in = Counter("relay_frames_in_total", "WebSocket messages received.", ["endpoint"])
-    m["FRAMES_OUT"] = frames_out = Counter("relay_frames_out_total", "WebSocket messages sent.", ["endpoint"])
-    m["BYTES_IN"] = bytes_in = Counter("relay_bytes_in_total", "WebSocket payload bytes received.", ["endpoint"])
-    m["BYTES_OUT"] = bytes_out = Counter("relay_bytes_out_total", "WebSocket payload bytes sent.", ["endpoint"])
+    m["FRAMES_IN"] = frames_in = Counter(
+        "relay_frames_in_total", "WebSocket messages received.", ["endpoint"]
+    )
+    m["FRAMES_OUT"] = frames_out = Counter(
+        "relay_frames_out_total", "WebSocket messages sent.", ["endpoint"]
+    )
+    m["BYTES_IN"] = bytes_in = Counter(
+        "relay_bytes_in_total", "WebSocket payload bytes received.", ["endpoint"]
+    )
+    m["BYTES_OUT"] = bytes_out = Counter(
+        "relay_bytes_out_total", "WebSocket payload bytes sent.", ["endpoint"]
+    )
     m["SLOW_CLOSES"] = slow = Counter(
-        "relay_slow_consumer_closes_total", "Connections closed for falling behind (4008).", ["endpoint"]
+        "relay_slow_consumer_closes_total",
+        "Connections closed for falling behind (4008).",
+        ["endpoint"],
     )
     for endpoint in ENDPOINTS:
         suffix = endpoint.upper()
@@ -131,7 +147,8 @@ def _build() -> dict[str, MetricWrapperBase]:
     m["TASKS_COMPLETED"] = Counter("tasks_completed_total", "Tasks completed.")
     m["TASKS_FAILED"] = Counter("tasks_failed_total", "Tasks failed for good (retries exhausted).")
     m["DEVICES_ONLINE"] = Gauge(
-        "devices_online_total", "Devices online (cluster-wide, from the presence store).",
+        "devices_online_total",
+        "Devices online (cluster-wide, from the presence store).",
         multiprocess_mode="livemostrecent",
     )
 
@@ -142,7 +159,9 @@ def _build() -> dict[str, MetricWrapperBase]:
         "database_query_duration_seconds", "Database statement duration.", buckets=DB_BUCKETS
     )
     m["REDIS_OPERATIONS"] = Counter(
-        "redis_operations_total", "Redis operations by command and result (ok|error).", ["command", "result"]
+        "redis_operations_total",
+        "Redis operations by command and result (ok|error).",
+        ["command", "result"],
     )
     m["REDIS_COMMANDS"] = Counter("redis_commands_total", "Redis commands sent.")
     return m

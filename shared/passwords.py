@@ -22,7 +22,9 @@ from nacl import pwhash
 from shared.config import Settings
 
 # Bounded: at most this many hashes (and their memory) at once per process.
-_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="argon2")
+_POOL = ThreadPoolExecutor(
+    max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="argon2"
+)
 _dummy_hashes: dict[tuple[int, int], bytes] = {}
 _dummy_lock = threading.Lock()
 
@@ -44,14 +46,20 @@ def _verify(stored: str | None, password: str, opslimit: int, memlimit: int) -> 
     encoded = stored.encode("ascii") if stored is not None else _dummy(opslimit, memlimit)
     try:
         ok = pwhash.argon2id.verify(encoded, password.encode("utf-8"))
-    except (nacl_exceptions.InvalidkeyError, nacl_exceptions.RuntimeError, nacl_exceptions.ValueError):
+    except (
+        nacl_exceptions.InvalidkeyError,
+        nacl_exceptions.RuntimeError,
+        nacl_exceptions.ValueError,
+    ):
         return False
     return bool(ok) and stored is not None
 
 
 async def hash_password(password: str, settings: Settings) -> str:
     loop = asyncio.get_running_loop()
-    hashed = await loop.run_in_executor(_POOL, _hash, password, settings.argon2_opslimit, settings.argon2_memlimit)
+    hashed = await loop.run_in_executor(
+        _POOL, _hash, password, settings.argon2_opslimit, settings.argon2_memlimit
+    )
     return hashed.decode("ascii")
 
 

@@ -53,7 +53,9 @@ class Principal:
 
     def require_scope(self, scope: str) -> None:
         if scope not in self.scopes:
-            raise ApiError(ErrorCode.FORBIDDEN, f"this credential lacks the '{scope}' scope", {"scope": scope})
+            raise ApiError(
+                ErrorCode.FORBIDDEN, f"this credential lacks the '{scope}' scope", {"scope": scope}
+            )
 
 
 async def authenticate(services: Services, credential: str) -> Principal:

@@ -38,8 +38,17 @@ class Services:
     authenticator: Authenticator | None = None
     # Free-form slots for components that attach themselves (hub, outbox sender, ...).
     extras: dict[str, Any] = field(default_factory=dict)
+    # Run first on close, newest first: components that flush into the backends (the inbox
+    # writer's queued batch, delivery cursors) before those close.
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def close(self) -> None:
+        for closer in reversed(self.closers):
+            try:
+                await closer()
+            except Exception:  # noqa: BLE001 - one failing flush must not keep the rest open
+                log.exception("closing a component failed")
+        self.closers.clear()
         for name in ("broker", "limiter", "blobs", "db"):
             with contextlib.suppress(Exception):
                 await getattr(self, name).close()
@@ -49,7 +58,9 @@ def make_broker(settings: Settings) -> Broker:
     if settings.redis_url:
         from shared.broker.redis import RedisBroker
 
-        return RedisBroker(settings.redis_url, prefix=settings.redis_prefix, cluster=settings.redis_cluster)
+        return RedisBroker(
+            settings.redis_url, prefix=settings.redis_prefix, cluster=settings.redis_cluster
+        )
     from shared.broker.memory import MemoryBroker
 
     return MemoryBroker()
@@ -59,7 +70,9 @@ def make_limiter(settings: Settings) -> RateLimiter:
     if settings.redis_url:
         from shared.ratelimit.redis import RedisRateLimiter
 
-        return RedisRateLimiter(settings.redis_url, prefix=settings.redis_prefix)
+        return RedisRateLimiter(
+            settings.redis_url, prefix=settings.redis_prefix, cluster=settings.redis_cluster
+        )
     from shared.ratelimit.memory import MemoryRateLimiter
 
     return MemoryRateLimiter()
@@ -94,8 +107,14 @@ async def open_services(settings: Settings, *, migrate: bool = True) -> Services
         schema=settings.database_schema,
         migrate=migrate,
     )
-    jwt_key = settings.jwt_secret.encode() if settings.jwt_secret else load_or_create(settings.data_path / "jwt_secret")
+    jwt_key = (
+        settings.jwt_secret.encode()
+        if settings.jwt_secret
+        else load_or_create(settings.data_path / "jwt_secret")
+    )
     broker = make_broker(settings)
     limiter = make_limiter(settings)
     blobs = await make_blobs(settings)
-    return Services(settings=settings, db=db, broker=broker, blobs=blobs, limiter=limiter, jwt_key=jwt_key)
+    return Services(
+        settings=settings, db=db, broker=broker, blobs=blobs, limiter=limiter, jwt_key=jwt_key
+    )

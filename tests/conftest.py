@@ -21,7 +21,13 @@ import redis.asyncio as aioredis
 from shared.config import Settings, load_settings
 
 # Fixture modules, one per real service the tests start or reach.
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.smtp", "tests.fixtures.server"]
+pytest_plugins = [
+    "tests.fixtures.s3",
+    "tests.fixtures.smtp",
+    "tests.fixtures.server",
+    "tests.fixtures.inbox",
+    "tests.fixtures.redis_cluster",
+]
 
 PG_URL = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"

@@ -1,4 +1,5 @@
-"""The ``Broker`` contract, run against ``MemoryBroker`` and ``RedisBroker`` (real Redis).
+"""The ``Broker`` contract, run against ``MemoryBroker`` and ``RedisBroker`` on a real Redis and on
+a real Redis Cluster (sharded pub/sub; its own node-level tests are in test_broker_cluster.py).
 
 Absence of a delivery is never proven by sleeping: a marker published afterwards on a subscribed
 channel arrives after anything that would have been delivered before it (one publisher, one
@@ -15,6 +16,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgpack
 import pytest
 import redis.asyncio as aioredis
 
@@ -46,17 +48,24 @@ class Recorder:
 BrokerFactory = Callable[[], Broker]
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def make_broker(
-    request: pytest.FixtureRequest, redis_url: str, redis_prefix: str
-) -> AsyncIterator[BrokerFactory]:
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def broker_kind(request: pytest.FixtureRequest, redis_url: str) -> tuple[str, str]:
+    """The backend under test and its URL (the cluster is started only when asked for)."""
+    if request.param == "cluster":
+        return "cluster", request.getfixturevalue("redis_cluster").url
+    return str(request.param), redis_url
+
+
+@pytest.fixture
+async def make_broker(broker_kind: tuple[str, str], redis_prefix: str) -> AsyncIterator[BrokerFactory]:
+    kind, url = broker_kind
     made: list[Broker] = []
 
     def make() -> Broker:
         broker: Broker = (
             MemoryBroker()
-            if request.param == "memory"
-            else RedisBroker(redis_url, prefix=redis_prefix)
+            if kind == "memory"
+            else RedisBroker(url, prefix=redis_prefix, cluster=kind == "cluster")
         )
         made.append(broker)
         return broker
@@ -173,6 +182,21 @@ async def test_binary_payloads_arrive_byte_for_byte(started: tuple[Broker, Recor
     await wait_for(lambda: len(rec.got) == len(payloads))
     assert rec.on(channel) == payloads
     assert all(isinstance(data, bytes) for data in rec.on(channel))
+
+
+async def test_publish_sequenced_numbers_in_order_and_appends_the_seq(
+    started: tuple[Broker, Recorder],
+) -> None:
+    broker, rec = started
+    channel, counter = "book:{1}", "bookseq:{1}"  # one hash tag: one slot on a cluster
+    await broker.subscribe(channel)
+    assert await broker.sequence_head(counter) == 0
+    seqs = [await broker.publish_sequenced(counter, channel, b"\x92\xa1x") for _ in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    await wait_for(lambda: len(rec.got) == 5)
+    assert [msgpack.unpackb(data) for data in rec.on(channel)] == [["x", i] for i in range(1, 6)]
+    assert await broker.sequence_head(counter) == 5
+    assert await broker.sequence_head("bookseq:{2}") == 0
 
 
 async def test_subscribe_before_start_is_remembered(make_broker: BrokerFactory) -> None:

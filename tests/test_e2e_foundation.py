@@ -150,6 +150,7 @@ async def test_new_user_flow_end_to_end(server_factory: Any, backend_settings: S
         hello = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert hello["type"] == "hello" and hello["principal"]["kind"] == "api_token"
         assert hello["connection_id"].startswith("c-") and hello["heartbeat_s"] == int(backend_settings.heartbeat_s)
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5)) == {"type": "synced", "cursor": hello["cursor"]}
         await ws.send(json.dumps({"type": "ping", "request_id": "p1"}))
         pong = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert pong == {"type": "pong", "request_id": "p1"}

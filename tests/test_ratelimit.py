@@ -1,4 +1,5 @@
-"""The ``RateLimiter`` contract, run against ``MemoryRateLimiter`` and ``RedisRateLimiter``.
+"""The ``RateLimiter`` contract, run against ``MemoryRateLimiter`` and ``RedisRateLimiter`` (on a
+real Redis and on a real Redis Cluster, tests/fixtures/redis_cluster.py).
 
 Refill is checked by polling with short periods, never by asserting how long something took.
 Decision semantics (shared/ratelimit/base.py): ``remaining`` is what is allowed right now,
@@ -9,6 +10,7 @@ whole seconds (rounded up, >= 1 when denied, 0 when allowed) until the request w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import socket
 import time
@@ -17,24 +19,34 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from shared.errors import BackendUnavailable, RateLimited
 from shared.ratelimit import Decision, Limit, RateLimiter
 from shared.ratelimit.memory import MemoryRateLimiter, gcra
 from shared.ratelimit.redis import RedisRateLimiter
+from tests.fixtures.redis_cluster import RedisClusterServer
 from tests.test_broker import RedisServer
 
 LimiterFactory = Callable[[], RateLimiter]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
+def limiter_url(kind: str, request: pytest.FixtureRequest, redis_url: str) -> str:
+    """Where the Redis limiters of this test point (the cluster is started only when asked for)."""
+    if kind == "cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
+    return redis_url
+
+
+@pytest.fixture
 async def make_limiter(
-    kind: str, redis_url: str, redis_prefix: str
+    kind: str, limiter_url: str, redis_prefix: str
 ) -> AsyncIterator[LimiterFactory]:
     made: list[RateLimiter] = []
 
@@ -42,7 +54,7 @@ async def make_limiter(
         limiter: RateLimiter = (
             MemoryRateLimiter()
             if kind == "memory"
-            else RedisRateLimiter(redis_url, prefix=redis_prefix)
+            else RedisRateLimiter(limiter_url, prefix=redis_prefix, cluster=kind == "cluster")
         )
         made.append(limiter)
         return limiter
@@ -337,6 +349,93 @@ async def test_redis_limiter_survives_a_redis_restart() -> None:
     finally:
         await limiter.close()
         await server.stop()
+
+
+# -- Redis Cluster only --------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def cluster_limiters(
+    redis_cluster: RedisClusterServer, redis_prefix: str
+) -> AsyncIterator[Callable[[], RedisRateLimiter]]:
+    made: list[RedisRateLimiter] = []
+
+    def make() -> RedisRateLimiter:
+        made.append(RedisRateLimiter(redis_cluster.url, prefix=redis_prefix, cluster=True))
+        return made[-1]
+
+    yield make
+    for limiter in made:
+        await limiter.close()
+
+
+async def test_cluster_limiters_share_budgets_spread_over_the_masters(
+    cluster_limiters: Callable[[], RedisRateLimiter], redis_cluster: RedisClusterServer, redis_prefix: str
+) -> None:
+    nodes = [cluster_limiters(), cluster_limiters()]
+    limit = Limit(10, 60)
+    keys = [f"user-{i}" for i in range(12)]
+    decisions = await asyncio.gather(
+        *(nodes[i % 2].hit(key, limit) for key in keys for i in range(15))
+    )
+    for n, key in enumerate(keys):
+        assert sum(d.allowed for d in decisions[n * 15 : (n + 1) * 15]) == 10, key
+    # Every key lives on the master owning its slot, and the keys cover more than one master.
+    holders = set()
+    for node in redis_cluster.nodes:
+        client = aioredis.Redis(host="127.0.0.1", port=node.port)
+        try:
+            found = [k async for k in client.scan_iter(match=redis_prefix + "*")]
+            for key in found:
+                assert await client.execute_command("CLUSTER", "KEYSLOT", key) == key_slot(key)
+            if found:
+                holders.add(node.port)
+        finally:
+            await client.aclose()
+    assert len(holders) >= 2
+    await nodes[1].reset("user-0")
+    assert (await nodes[0].hit("user-0", limit)).remaining == 9
+
+
+async def test_cluster_limiter_survives_a_master_restart(
+    cluster_limiters: Callable[[], RedisRateLimiter], redis_cluster: RedisClusterServer, redis_prefix: str
+) -> None:
+    limiter = cluster_limiters()
+    limit = Limit(3, 60)
+    assert (await limiter.hit("k", limit)).remaining == 2
+    seed = aioredis.from_url(redis_cluster.url)
+    try:
+        slot = key_slot(f"{redis_prefix}rl:k".encode())
+        for start, end, master, *_ in await seed.execute_command("CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                owner = redis_cluster.node_at(int(master[1]))
+    finally:
+        await seed.aclose()
+    await redis_cluster.kill(owner)
+    with pytest.raises(BackendUnavailable):
+        await limiter.hit("k", limit)
+    await redis_cluster.revive(owner)  # empty again: no key, and no cached script (NOSCRIPT)
+
+    async def counts_again() -> bool:
+        with contextlib.suppress(BackendUnavailable):
+            return (await limiter.hit("k", limit)).remaining == 2
+        return False
+
+    await poll(counts_again, timeout=20)
+
+
+async def test_cluster_limiter_unreachable_is_backend_unavailable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    limiter = RedisRateLimiter(f"redis://127.0.0.1:{port}/0", prefix="sbt:none:", cluster=True)
+    try:
+        with pytest.raises(BackendUnavailable):
+            await limiter.hit("k", Limit(1, 1))
+        with pytest.raises(BackendUnavailable):
+            await limiter.reset("k")
+    finally:
+        await limiter.close()
 
 
 # -- memory only -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from shared.codes import ErrorCode
 from shared.errors import ApiError
 from shared.principals import SCOPES, Principal
 from tests.auth_helpers import PASSWORD
+from tests.test_ws_handshake import recv_hello
 
 TIMEOUT = 10.0
 TTL_S = 2
@@ -90,7 +91,7 @@ async def test_unrefreshed_socket_is_closed_4001_at_expiry(api: Any) -> None:
     client, _ = api
     login = await client.signup("ada@example.com")
     async with client.connect(login["access_token"]) as ws:
-        assert (await recv_json(ws))["type"] == "hello"
+        assert (await recv_hello(ws))["type"] == "hello"
         assert await closed_with(ws) == 4001
     assert time.time() >= exp_of(login["access_token"])  # not before the credential expired
 
@@ -100,7 +101,7 @@ async def test_refreshed_socket_outlives_the_old_expiry(api: Any) -> None:
     login = await client.signup("ada@example.com")
     old_exp = exp_of(login["access_token"])
     async with client.connect(login["access_token"]) as ws:
-        assert (await recv_json(ws))["type"] == "hello"
+        assert (await recv_hello(ws))["type"] == "hello"
         await sleep_until(old_exp - 0.9)  # the next token is issued a whole second later
         renewed = await client.post("/auth/refresh", {"refresh_token": login["refresh_token"]})
         new_exp = exp_of(renewed["access_token"])
@@ -120,7 +121,7 @@ async def test_another_users_token_is_refused_and_the_old_credential_stays(api: 
     ada = await client.signup("ada@example.com")
     bob = await client.signup("bob@example.com")
     async with client.connect(ada["access_token"]) as ws:
-        assert (await recv_json(ws))["type"] == "hello"
+        assert (await recv_hello(ws))["type"] == "hello"
         before = conn_of(server).principal
         await ws.send(json.dumps({"type": "refresh", "token": bob["access_token"]}))
         error = await recv_json(ws)
@@ -177,7 +178,7 @@ def stub_connect(server: Any, token: str) -> Any:
 async def test_refresh_to_a_credential_without_expiry_disarms_the_timer(stub: Any) -> None:
     server, principals = stub
     async with stub_connect(server, "soon") as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
         await ws.send(json.dumps({"type": "refresh", "token": "later"}))
         assert await recv_json(ws) == {"type": "refreshed", "exp": principals["later"].exp}
         await sleep_until(principals["soon"].exp + 0.5)
@@ -189,7 +190,7 @@ async def test_refresh_to_a_credential_without_expiry_disarms_the_timer(stub: An
 async def test_api_tokens_without_expiry_never_arm_a_timer(stub: Any) -> None:
     server, principals = stub
     async with stub_connect(server, "api-forever") as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
         assert _timers(server) == {}
         # Rotating to another token of the same owner is a refresh; one without ``subscribe``
         # could not have opened the socket, so it cannot take it over either.
@@ -199,7 +200,7 @@ async def test_api_tokens_without_expiry_never_arm_a_timer(stub: Any) -> None:
         assert (await recv_json(ws))["code"] == "FORBIDDEN"
         assert conn_of(server).principal is principals["api-forever-2"] and _timers(server) == {}
     async with stub_connect(server, "soon") as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
         assert len(_timers(server)) == 1
     await asyncio.sleep(0.1)
     assert _timers(server) == {}  # closed sockets leave no timer behind
@@ -214,7 +215,7 @@ def _timers(server: Any) -> dict[Any, Any]:
 async def test_refusals_keep_the_socket_open(stub: Any) -> None:
     server, principals = stub
     async with stub_connect(server, "later") as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
         for message, code in (
             ({"type": "refresh", "token": "expired"}, "TOKEN_EXPIRED"),
             ({"type": "refresh", "token": "api-forever"}, "FORBIDDEN"),  # another kind

@@ -21,6 +21,7 @@ from websockets.protocol import OPEN
 
 from tests.conftest import wait_for
 from tests.test_hub import join, start_node
+from tests.test_ws_handshake import read_hello
 
 TIMEOUT = 10.0
 FAST = 99
@@ -61,7 +62,7 @@ async def slow_socket(port: int, channel: str) -> tuple[asyncio.StreamReader, as
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
     assert head.startswith(b"HTTP/1.1 101"), head
-    assert json.loads((await read_frame(reader))[1])["type"] == "hello"
+    await read_hello(reader)
     writer.write(client_frame(json.dumps({"type": "test.join", "channel": channel}).encode()))
     assert json.loads((await read_frame(reader))[1]) == {"type": "joined", "channel": channel}
     return reader, writer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from shared.config import Settings
+from shared.revocation import REVOKE_CHANNEL
 from shared.secrets import hash_token
 from tests.auth_helpers import ISO_UTC, Harness, running
 
@@ -28,6 +30,12 @@ async def h(make_settings: Callable[..., Settings]) -> AsyncIterator[Harness]:
 async def hb(backend_settings: Settings) -> AsyncIterator[Harness]:
     async with running(backend_settings) as harness:
         yield harness
+
+
+def forget_behind_the_api(h: Harness, token_id: str) -> None:
+    """These tests edit the store directly, which the API would have told the lookup cache
+    (AUTH_CACHE_S) about; without this the next request is served from the cache."""
+    h.services.authenticator.forget_token(token_id)  # type: ignore[union-attr]
 
 
 def in_future(**delta: float) -> str:
@@ -69,9 +77,9 @@ async def test_token_lifecycle(hb: Harness) -> None:
     assert (await hb.ok("GET", "/tokens/current", secret))["name"] == "deploy"
 
     # Revocation: announced on the broker (sockets close) and refused at once.
-    notices: list[str] = []
-    await hb.services.broker.start(lambda channel, data: notices.append(channel))
-    await hb.services.broker.subscribe(f"revoke:token:{token_id}")
+    notices: list[tuple[str, Any]] = []
+    await hb.services.broker.start(lambda channel, data: notices.append((channel, json.loads(data))))
+    await hb.services.broker.subscribe(REVOKE_CHANNEL)
     resp = await hb.call("DELETE", f"/tokens/{token_id}", jwt)
     assert resp.status == 204 and await resp.read() == b""
     await hb.fails("GET", "/tokens/current", 401, "INVALID_TOKEN", secret)
@@ -82,7 +90,7 @@ async def test_token_lifecycle(hb: Harness) -> None:
         if notices:
             break
         await asyncio.sleep(0.01)
-    assert notices == [f"revoke:token:{token_id}"]
+    assert notices == [(REVOKE_CHANNEL, {"token": token_id})]
 
 
 async def test_scopes_are_checked(h: Harness) -> None:
@@ -138,6 +146,7 @@ async def test_expired_token_is_token_expired(hb: Harness) -> None:
     created = await create(hb, jwt, name="short", scopes=["publish"], expires_at=in_future(hours=1))
     await hb.ok("GET", "/tokens/current", created["token"])
     await hb.services.db.execute("UPDATE api_tokens SET expires_at = 1000 WHERE id = $1", created["id"])
+    forget_behind_the_api(hb, created["id"])
     await hb.fails("GET", "/tokens/current", 401, "TOKEN_EXPIRED", created["token"])
     # Still listed, and can be given a new expiry.
     assert [t["id"] for t in (await hb.ok("GET", "/tokens", jwt))["items"]] == [created["id"]]
@@ -195,9 +204,11 @@ async def test_last_used_at_is_written_at_most_once_a_minute(h: Harness) -> None
     first = await last_used()
     assert first is not None
     await h.services.db.execute("UPDATE api_tokens SET last_used_at = $2 WHERE id = $1", created["id"], first - 30_000)
+    forget_behind_the_api(h, created["id"])
     await h.ok("GET", "/auth/me", created["token"])
     assert await last_used() == first - 30_000  # within the minute: not written again
     await h.services.db.execute("UPDATE api_tokens SET last_used_at = $2 WHERE id = $1", created["id"], first - 61_000)
+    forget_behind_the_api(h, created["id"])
     await h.ok("GET", "/auth/me", created["token"])
     refreshed = await last_used()
     assert refreshed is not None and refreshed >= first

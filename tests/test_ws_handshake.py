@@ -80,6 +80,14 @@ async def recv_json(ws: Any) -> dict[str, Any]:
     return message
 
 
+async def recv_hello(ws: Any) -> dict[str, Any]:
+    """``hello``, then the ``synced`` that ends the inbox catch-up (nothing to replay here)."""
+    hello = await recv_json(ws)
+    assert hello["type"] == "hello", hello
+    assert await recv_json(ws) == {"type": "synced", "cursor": hello["cursor"]}
+    return hello
+
+
 # -- raw WebSocket by hand -----------------------------------------------------------------------
 
 
@@ -100,9 +108,19 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = 
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+async def read_hello(reader: asyncio.StreamReader) -> dict[str, Any]:
+    """Raw: the ``hello`` text frame and the ``synced`` after it."""
+    opcode, payload = await read_frame(reader)
+    hello: dict[str, Any] = json.loads(payload)
+    assert opcode == 0x1 and hello["type"] == "hello", hello
+    opcode, payload = await read_frame(reader)
+    assert opcode == 0x1 and json.loads(payload) == {"type": "synced", "cursor": hello["cursor"]}
+    return hello
+
+
+async def read_frame(reader: asyncio.StreamReader, timeout: float = TIMEOUT) -> tuple[int, bytes]:
     """One server frame: (opcode, payload); server frames are never masked."""
-    first, second = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+    first, second = await asyncio.wait_for(reader.readexactly(2), timeout)
     assert second & 0x80 == 0, "server frames must not be masked"
     n = second & 0x7F
     if n == 126:
@@ -153,7 +171,7 @@ async def refused(server: Any, path: str, headers: dict[str, str] | None = None)
 async def test_hello_is_the_first_frame(server: Any) -> None:
     async with connect(url(server, "/ws?device_id=laptop-1"), additional_headers={"Authorization": "Bearer user"}) as ws:
         assert ws.subprotocol is None
-        hello = await recv_json(ws)
+        hello = await recv_hello(ws)
     assert hello["type"] == "hello"
     assert hello["connection_id"].startswith("c-") and len(hello["connection_id"]) > 10
     assert hello["principal"] == {"kind": "user", "id": "u-1", "device_id": "laptop-1"}
@@ -163,16 +181,16 @@ async def test_hello_is_the_first_frame(server: Any) -> None:
 
 async def test_token_in_query_and_daemon_implies_its_device(server: Any) -> None:
     async with connect(url(server, "/ws?token=daemon")) as ws:
-        hello = await recv_json(ws)
+        hello = await recv_hello(ws)
     assert hello["principal"] == {"kind": "daemon", "id": "d-1", "device_id": "d-1"}
     async with connect(url(server, "/ws?token=sub")) as ws:
-        hello = await recv_json(ws)
+        hello = await recv_hello(ws)
     assert hello["principal"] == {"kind": "api_token", "id": "t-1", "device_id": None}
 
 
 async def test_connection_ids_are_unique_and_registry_tracks_sockets(server: Any) -> None:
     async with connect(url(server, "/ws?token=user")) as a, connect(url(server, "/ws?token=user")) as b:
-        ids = {(await recv_json(a))["connection_id"], (await recv_json(b))["connection_id"]}
+        ids = {(await recv_hello(a))["connection_id"], (await recv_hello(b))["connection_id"]}
         assert len(ids) == 2
         assert len(server.state.registry) == 2
     for _ in range(100):
@@ -184,7 +202,7 @@ async def test_connection_ids_are_unique_and_registry_tracks_sockets(server: Any
 
 async def test_ping_pong_echoes_request_id(server: Any) -> None:
     async with connect(url(server, "/ws?token=user")) as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
         await ws.send(json.dumps({"type": "ping", "request_id": "p1"}))
         assert await recv_json(ws) == {"type": "pong", "request_id": "p1"}
         await ws.send(json.dumps({"type": "ping"}))
@@ -204,8 +222,7 @@ async def test_handshake_and_frames_by_hand(server: Any) -> None:
     assert f"Sec-WebSocket-Accept: {accept}" in head
     assert "Sec-WebSocket-Protocol: switchboard.v1.json" in head
     assert "Sec-WebSocket-Extensions" not in head  # no permessage-deflate
-    opcode, payload = await read_frame(reader)
-    assert opcode == 0x1 and json.loads(payload)["type"] == "hello"
+    await read_hello(reader)
     # A fragmented ping message: text frame without FIN, then a continuation.
     writer.write(client_frame(0x1, b'{"type":"pi', fin=False) + client_frame(0x0, b'ng","request_id":7}'))
     opcode, payload = await read_frame(reader)
@@ -264,13 +281,13 @@ async def test_connection_rate_limit_per_principal_and_device(start: Any) -> Non
     server = await start(rate_ws_connect="2/600")
     for _ in range(2):
         async with connect(url(server, "/ws?token=user&device_id=a")) as ws:
-            await recv_json(ws)
+            await recv_hello(ws)
     status, headers, error = await refused(server, "/ws?token=user&device_id=a")
     assert (status, error["code"]) == (429, "RATE_LIMIT_EXCEEDED")
     assert int(headers["retry-after"]) >= 1
     # Another device of the same user has its own budget.
     async with connect(url(server, "/ws?token=user&device_id=b")) as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
 
 
 async def test_origin_is_checked_when_configured(start: Any) -> None:
@@ -278,7 +295,7 @@ async def test_origin_is_checked_when_configured(start: Any) -> None:
     status, _, error = await refused(server, "/ws?token=user", {"Origin": "https://evil.example"})
     assert (status, error["code"]) == (403, "FORBIDDEN")
     async with connect(url(server, "/ws?token=user"), origin="https://other.example") as ws:  # type: ignore[arg-type]
-        assert (await recv_json(ws))["type"] == "hello"
+        assert (await recv_hello(ws))["type"] == "hello"
 
 
 async def test_upgrade_while_draining_is_503(server: Any) -> None:
@@ -305,6 +322,7 @@ async def test_msgpack_subprotocol(server: Any) -> None:
         frame = await asyncio.wait_for(ws.recv(), TIMEOUT)
         assert isinstance(frame, bytes)
         assert msgpack.unpackb(frame)["type"] == "hello"
+        assert msgpack.unpackb(await asyncio.wait_for(ws.recv(), TIMEOUT))["type"] == "synced"
         await ws.send(msgpack.packb({"type": "ping", "request_id": "m1"}))
         pong = await asyncio.wait_for(ws.recv(), TIMEOUT)
         assert isinstance(pong, bytes) and msgpack.unpackb(pong) == {"type": "pong", "request_id": "m1"}
@@ -315,7 +333,7 @@ async def test_msgpack_subprotocol(server: Any) -> None:
 
 async def test_invalid_frames_get_error_frames_and_the_socket_stays_open(server: Any) -> None:
     async with connect(url(server, "/ws?token=user")) as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
         await ws.send("{not json")
         error = await recv_json(ws)
         assert error["type"] == "error" and error["code"] == "VALIDATION_ERROR" and error["request_id"] is None
@@ -333,7 +351,7 @@ async def test_invalid_frames_get_error_frames_and_the_socket_stays_open(server:
 async def test_oversize_message_closes_1009(start: Any) -> None:
     server = await start(ws_max_frame_bytes=1024)
     async with connect(url(server, "/ws?token=user")) as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
         await ws.send(json.dumps({"type": "ping", "pad": "x" * 2000}))
         with pytest.raises(ConnectionClosed) as info:
             await asyncio.wait_for(ws.recv(), TIMEOUT)
@@ -345,7 +363,7 @@ async def test_invalid_utf8_closes_1007_and_unmasked_frame_closes_1002(server: A
         reader, writer = await raw_open(server)
         writer.write(upgrade_request("/ws?token=user"))
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        await read_frame(reader)  # hello
+        await read_hello(reader)
         writer.write(frame)
         opcode, payload = await read_frame(reader)
         assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == code
@@ -355,7 +373,7 @@ async def test_invalid_utf8_closes_1007_and_unmasked_frame_closes_1002(server: A
 async def test_frame_flood_gets_an_error_then_4029(start: Any) -> None:
     server = await start(ws_rate="5/1", ws_burst=5)
     async with connect(url(server, "/ws?token=user")) as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
         for _ in range(50):
             await ws.send(json.dumps({"type": "ping"}))
         frames = []
@@ -374,7 +392,7 @@ async def test_server_pings_and_closes_a_silent_socket(start: Any) -> None:
     server = await start(heartbeat_s=0.2)
     # A client library answers pings: the socket outlives several heartbeat periods.
     async with connect(url(server, "/ws?token=user"), ping_interval=None) as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
         await asyncio.sleep(1.0)
         await ws.send(json.dumps({"type": "ping"}))
         assert await recv_json(ws) == {"type": "pong"}
@@ -396,7 +414,7 @@ async def test_server_pings_and_closes_a_silent_socket(start: Any) -> None:
 
 async def test_drain_closes_sockets_with_1001(server: Any) -> None:
     async with connect(url(server, "/ws?token=user")) as ws:
-        await recv_json(ws)
+        await recv_hello(ws)
         await asyncio.wait_for(server.close(), TIMEOUT)
         with pytest.raises(ConnectionClosed) as info:
             await asyncio.wait_for(ws.recv(), TIMEOUT)
@@ -409,6 +427,6 @@ async def test_wss_over_tls(start: Any, tmp_path: Path) -> None:
     server = await start(tls_cert_file=str(cert), tls_key_file=str(key))
     context = ssl.create_default_context(cafile=str(cert))
     async with connect(url(server, "/ws?token=user", scheme="wss"), ssl=context) as ws:
-        assert (await recv_json(ws))["type"] == "hello"
+        assert (await recv_hello(ws))["type"] == "hello"
         await ws.send(json.dumps({"type": "ping", "request_id": 1}))
         assert await recv_json(ws) == {"type": "pong", "request_id": 1}

@@ -55,18 +55,22 @@ async def export(request: web.Request) -> web.StreamResponse:
         return await db.fetch(
             "SELECT id, event, created_at, ip_hash, subject_hash, details FROM audit_log"
             " WHERE user_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-            principal.user_id, after, BATCH,
+            principal.user_id,
+            after,
+            BATCH,
         )
 
     # The first batch is read before the headers go out, so a failing store still gets the
     # error envelope rather than a truncated 200.
     rows = await batch(0)
-    response = web.StreamResponse(headers={
-        "Content-Type": "application/x-ndjson",
-        "Content-Disposition": 'attachment; filename="audit.ndjson"',
-        "API-Version": API_VERSION,
-        "X-Request-ID": request[REQUEST_ID_KEY],
-    })
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "application/x-ndjson",
+            "Content-Disposition": 'attachment; filename="audit.ndjson"',
+            "API-Version": API_VERSION,
+            "X-Request-ID": request[REQUEST_ID_KEY],
+        }
+    )
     await response.prepare(request)
     while rows:
         await response.write(b"".join(_line(r) for r in rows))
@@ -82,7 +86,9 @@ async def _prune_forever(db: Database) -> None:
         try:
             removed = await audit.prune(db)
             if removed:
-                log.info("pruned %d audit entries older than %d days", removed, audit.RETENTION_DAYS)
+                log.info(
+                    "pruned %d audit entries older than %d days", removed, audit.RETENTION_DAYS
+                )
         except Exception:  # noqa: BLE001 - a failed round is retried next hour; the loop must live
             log.exception("audit prune failed")
         await asyncio.sleep(PRUNE_INTERVAL_S)
@@ -104,24 +110,35 @@ _LINE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "id": {"type": "integer"},
-        "event": {"type": "string", "description": "e.g. auth.login, auth.login_failed, token.revoked"},
+        "event": {
+            "type": "string",
+            "description": "e.g. auth.login, auth.login_failed, token.revoked",
+        },
         "created_at": {"type": "string", "format": "date-time"},
-        "ip_hash": {"type": ["string", "null"], "description": "SHA-256 of the client IP, truncated"},
+        "ip_hash": {
+            "type": ["string", "null"],
+            "description": "SHA-256 of the client IP, truncated",
+        },
         "subject_hash": {"type": ["string", "null"]},
         "details": {"type": "object"},
     },
 }
 
 OPENAPI: dict[str, dict[str, dict[str, Any]]] = {
-    "/api/v1/audit/export": {"get": {
-        "summary": "The caller's own audit entries (last 90 days) as JSON lines",
-        "description": "One JSON object per line, oldest first. Needs a user access JWT or an API token with the "
-                       "admin scope. Not enveloped.",
-        "tags": ["audit"],
-        "security": [{"userJwt": []}, {"apiToken": []}],
-        "responses": {
-            "200": {"description": "JSON lines.", "content": {"application/x-ndjson": {"schema": _LINE_SCHEMA}}},
-            **errors(401, 403),
-        },
-    }},
+    "/api/v1/audit/export": {
+        "get": {
+            "summary": "The caller's own audit entries (last 90 days) as JSON lines",
+            "description": "One JSON object per line, oldest first. Needs a user access JWT or an API token with the "
+            "admin scope. Not enveloped.",
+            "tags": ["audit"],
+            "security": [{"userJwt": []}, {"apiToken": []}],
+            "responses": {
+                "200": {
+                    "description": "JSON lines.",
+                    "content": {"application/x-ndjson": {"schema": _LINE_SCHEMA}},
+                },
+                **errors(401, 403),
+            },
+        }
+    },
 }

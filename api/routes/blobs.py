@@ -74,18 +74,25 @@ async def put_blob(request: web.Request) -> web.StreamResponse:
     except InvalidSignature as exc:
         raise ApiError(ErrorCode.FORBIDDEN, str(exc)) from None
     too_large = ApiError(
-        ErrorCode.PAYLOAD_TOO_LARGE, "upload exceeds the signed size limit", {"max_size": grant.max_size}
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        "upload exceeds the signed size limit",
+        {"max_size": grant.max_size},
     )
     # Refuse from the declared length before reading; aiohttp drains the rest (lingering close).
     if request.content_length is not None and request.content_length > grant.max_size:
         raise too_large
     try:
         size = await store.put(
-            key, request.content.iter_chunked(READ_CHUNK), grant.content_type, max_size=grant.max_size
+            key,
+            request.content.iter_chunked(READ_CHUNK),
+            grant.content_type,
+            max_size=grant.max_size,
         )
     except BlobTooLarge:
         raise too_large from None
-    return ok(request, {"key": key, "size_bytes": size, "content_type": grant.content_type}, status=201)
+    return ok(
+        request, {"key": key, "size_bytes": size, "content_type": grant.content_type}, status=201
+    )
 
 
 _KEY_PARAM: dict[str, Any] = {
@@ -97,10 +104,20 @@ _KEY_PARAM: dict[str, Any] = {
 }
 _SIGNATURE_PARAMS: list[dict[str, Any]] = [
     _KEY_PARAM,
-    {"name": "expires", "in": "query", "required": True, "schema": {"type": "integer"},
-     "description": "Last valid unix second."},
-    {"name": "signature", "in": "query", "required": True, "schema": {"type": "string"},
-     "description": "base64url HMAC-SHA256, issued by the server. Expired, tampered or missing: 403 `FORBIDDEN`."},
+    {
+        "name": "expires",
+        "in": "query",
+        "required": True,
+        "schema": {"type": "integer"},
+        "description": "Last valid unix second.",
+    },
+    {
+        "name": "signature",
+        "in": "query",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "base64url HMAC-SHA256, issued by the server. Expired, tampered or missing: 403 `FORBIDDEN`.",
+    },
 ]
 _BINARY = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
 _NOTE = " Served only by the local blob store; with S3 configured: 404 `NOT_FOUND`."
@@ -113,20 +130,34 @@ OPENAPI: dict[str, dict[str, dict[str, Any]]] = {
             "tags": ["blobs"],
             "parameters": _SIGNATURE_PARAMS,
             "responses": {
-                "200": {"description": "The object's bytes with its stored Content-Type.", "content": _BINARY},
+                "200": {
+                    "description": "The object's bytes with its stored Content-Type.",
+                    "content": _BINARY,
+                },
                 **errors(403, 404),
             },
         },
         "put": {
             "summary": "Upload an object directly with a signed upload URL",
-            "description": "The body is streamed to the store; over `max_size` nothing is kept." + _NOTE,
+            "description": "The body is streamed to the store; over `max_size` nothing is kept."
+            + _NOTE,
             "tags": ["blobs"],
             "parameters": [
                 *_SIGNATURE_PARAMS,
-                {"name": "content_type", "in": "query", "required": True, "schema": {"type": "string"},
-                 "description": "Signed content type the object is stored with."},
-                {"name": "max_size", "in": "query", "required": True, "schema": {"type": "integer"},
-                 "description": "Signed size limit in bytes."},
+                {
+                    "name": "content_type",
+                    "in": "query",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "Signed content type the object is stored with.",
+                },
+                {
+                    "name": "max_size",
+                    "in": "query",
+                    "required": True,
+                    "schema": {"type": "integer"},
+                    "description": "Signed size limit in bytes.",
+                },
             ],
             "requestBody": {"required": True, "content": _BINARY},
             "responses": {

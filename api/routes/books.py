@@ -41,28 +41,41 @@ async def create_book(request: web.Request) -> web.StreamResponse:
     now = now_ms()
     async with services.db.transaction() as tx:
         await tx.execute(
-            "INSERT INTO books (id, created_by_device, created_at) VALUES ($1, $2, $3)", book_id, device_id, now
+            "INSERT INTO books (id, created_by_device, created_at) VALUES ($1, $2, $3)",
+            book_id,
+            device_id,
+            now,
         )
         await tx.execute(
-            "INSERT INTO book_members (book_id, device_id, joined_at) VALUES ($1, $2, $3)", book_id, device_id, now
+            "INSERT INTO book_members (book_id, device_id, joined_at) VALUES ($1, $2, $3)",
+            book_id,
+            device_id,
+            now,
         )
     return ok(request, {"book_id": book_id}, status=201)
 
 
 OPENAPI: dict[str, dict[str, dict[str, Any]]] = {
-    PREFIX: {"post": {
-        "summary": "Create a book; the calling device becomes its first member",
-        "description": (
-            "Any E2EE device JWT (with or without a book_id binding); other credentials get 403 FORBIDDEN. "
-            "No body is needed. Limited per device (RATE_BOOK_CREATE)."
-        ),
-        "tags": ["e2ee"],
-        "security": [{"deviceJwt": []}],
-        "responses": {
-            "201": json_ok("Created.", {
-                "type": "object", "required": ["book_id"], "properties": {"book_id": {"type": "string"}},
-            }),
-            **errors(401, 403, 429),
-        },
-    }},
+    PREFIX: {
+        "post": {
+            "summary": "Create a book; the calling device becomes its first member",
+            "description": (
+                "Any E2EE device JWT (with or without a book_id binding); other credentials get 403 FORBIDDEN. "
+                "No body is needed. Limited per device (RATE_BOOK_CREATE)."
+            ),
+            "tags": ["e2ee"],
+            "security": [{"deviceJwt": []}],
+            "responses": {
+                "201": json_ok(
+                    "Created.",
+                    {
+                        "type": "object",
+                        "required": ["book_id"],
+                        "properties": {"book_id": {"type": "string"}},
+                    },
+                ),
+                **errors(401, 403, 429),
+            },
+        }
+    },
 }

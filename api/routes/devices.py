@@ -94,7 +94,8 @@ async def register_device(request: web.Request) -> web.StreamResponse:
     signature_text = body.string("signature", min_len=1, max_len=128)
 
     decision = await services.limiter.hit(
-        f"device_register:ip:{hash_id(client_ip(request))}", Limit.of(services.settings.rate("rate_device_register_ip"))
+        f"device_register:ip:{hash_id(client_ip(request))}",
+        Limit.of(services.settings.rate("rate_device_register_ip")),
     )
     decision.raise_if_denied("too many device registrations from this address")
 
@@ -103,7 +104,9 @@ async def register_device(request: web.Request) -> web.StreamResponse:
         raise validation_error("timestamp", "must be within 5 minutes of the server time")
     signature = b64_exact("signature", signature_text, SIGNATURE_BYTES)
     try:
-        Ed25519PublicKey.from_public_bytes(raw_key).verify(signature, registration_text(public_key, timestamp))
+        Ed25519PublicKey.from_public_bytes(raw_key).verify(
+            signature, registration_text(public_key, timestamp)
+        )
     except (InvalidSignature, ValueError):
         raise validation_error("signature", "does not verify with public_key") from None
 
@@ -117,7 +120,11 @@ async def register_device(request: web.Request) -> web.StreamResponse:
         await db.execute(
             "INSERT INTO devices (id, public_key, platform, name, created_at, last_active_at)"
             " VALUES ($1, $2, $3, $4, $5, $5)",
-            device_id, public_key, platform, name, now,
+            device_id,
+            public_key,
+            platform,
+            name,
+            now,
         )
     except ConflictError:  # the same key registered concurrently: that row is the device
         existing = await db.fetchval("SELECT id FROM devices WHERE public_key = $1", public_key)
@@ -135,37 +142,60 @@ def setup(app: web.Application) -> None:
 
 # -- OpenAPI -------------------------------------------------------------------------------------
 
-_DEVICE_ID = {"type": "object", "required": ["device_id"], "properties": {"device_id": {"type": "string"}}}
+_DEVICE_ID = {
+    "type": "object",
+    "required": ["device_id"],
+    "properties": {"device_id": {"type": "string"}},
+}
 
 OPENAPI: dict[str, dict[str, dict[str, Any]]] = {
-    PREFIX + "/register": {"post": {
-        "summary": "Register an E2EE device's Ed25519 public key (proof of possession)",
-        "description": (
-            "signature = Ed25519 signature (standard base64) of the UTF-8 text "
-            "\"register:\" + public_key + \":\" + str(timestamp), with public_key exactly as sent. "
-            "public_key: the raw 32-byte key in canonical standard base64 with padding; timestamp: unix "
-            "seconds within 5 minutes of the server clock. Every failed check is 400 VALIDATION_ERROR "
-            "with details.field naming public_key, timestamp or signature. The same key again with a fresh "
-            "valid signature answers 200 with the same device_id. Limited per IP (RATE_DEVICE_REGISTER_IP). "
-            "Afterwards the device authenticates with JWTs it signs itself (alg EdDSA, see deviceJwt)."
-        ),
-        "tags": ["e2ee"],
-        "security": [],
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object",
-            "required": ["public_key", "platform", "timestamp", "signature"],
-            "properties": {
-                "public_key": {"type": "string", "description": "raw 32-byte Ed25519 key, standard base64"},
-                "platform": {"type": "string", "minLength": 1, "maxLength": MAX_PLATFORM},
-                "name": {"type": "string", "maxLength": MAX_NAME},
-                "timestamp": {"type": "integer", "description": "unix seconds"},
-                "signature": {"type": "string", "description": "64-byte Ed25519 signature, standard base64"},
+    PREFIX + "/register": {
+        "post": {
+            "summary": "Register an E2EE device's Ed25519 public key (proof of possession)",
+            "description": (
+                "signature = Ed25519 signature (standard base64) of the UTF-8 text "
+                '"register:" + public_key + ":" + str(timestamp), with public_key exactly as sent. '
+                "public_key: the raw 32-byte key in canonical standard base64 with padding; timestamp: unix "
+                "seconds within 5 minutes of the server clock. Every failed check is 400 VALIDATION_ERROR "
+                "with details.field naming public_key, timestamp or signature. The same key again with a fresh "
+                "valid signature answers 200 with the same device_id. Limited per IP (RATE_DEVICE_REGISTER_IP). "
+                "Afterwards the device authenticates with JWTs it signs itself (alg EdDSA, see deviceJwt)."
+            ),
+            "tags": ["e2ee"],
+            "security": [],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["public_key", "platform", "timestamp", "signature"],
+                            "properties": {
+                                "public_key": {
+                                    "type": "string",
+                                    "description": "raw 32-byte Ed25519 key, standard base64",
+                                },
+                                "platform": {
+                                    "type": "string",
+                                    "minLength": 1,
+                                    "maxLength": MAX_PLATFORM,
+                                },
+                                "name": {"type": "string", "maxLength": MAX_NAME},
+                                "timestamp": {"type": "integer", "description": "unix seconds"},
+                                "signature": {
+                                    "type": "string",
+                                    "description": "64-byte Ed25519 signature, standard base64",
+                                },
+                            },
+                        }
+                    }
+                },
             },
-        }}}},
-        "responses": {
-            "201": json_ok("Registered.", _DEVICE_ID),
-            "200": json_ok("This key was already registered: the same device.", _DEVICE_ID),
-            **errors(400, 413, 429),
-        },
-    }},
+            "responses": {
+                "201": json_ok("Registered.", _DEVICE_ID),
+                "200": json_ok("This key was already registered: the same device.", _DEVICE_ID),
+                **errors(400, 413, 429),
+            },
+        }
+    },
 }

@@ -53,7 +53,9 @@ async def _check(ping: Callable[[], Awaitable[None]], timeout: float) -> str:
 async def ready(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     backends: dict[str, Callable[[], Awaitable[None]]] = {
-        "database": services.db.ping, "broker": services.broker.ping, "blobs": services.blobs.ping
+        "database": services.db.ping,
+        "broker": services.broker.ping,
+        "blobs": services.blobs.ping,
     }
     timeout = services.settings.ready_timeout_s
     results = await asyncio.gather(*(_check(ping, timeout) for ping in backends.values()))
@@ -61,8 +63,11 @@ async def ready(request: web.Request) -> web.StreamResponse:
     down = sorted(name for name, state in checks.items() if state != "ok")
     if down:
         return error_response(
-            request, ErrorCode.SERVICE_UNAVAILABLE, "not ready: " + ", ".join(down),
-            {"checks": checks, "down": down}, headers={"Retry-After": "5"},
+            request,
+            ErrorCode.SERVICE_UNAVAILABLE,
+            "not ready: " + ", ".join(down),
+            {"checks": checks, "down": down},
+            headers={"Retry-After": "5"},
         )
     return ok(request, {"status": "ok", "checks": checks})
 
@@ -123,10 +128,16 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
             metrics.API_ERRORS.labels(code).inc()
         # The route template, not the path: no ids, and never a query string (tokens ride there).
         access_log.info(
-            "%s %s %d", method, route, status,
+            "%s %s %d",
+            method,
+            route,
+            status,
             extra={
-                "method": method, "route": route, "status": status,
-                "duration_ms": round(elapsed * 1000, 3), "request_id": request.get(REQUEST_ID_KEY),
+                "method": method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 3),
+                "request_id": request.get(REQUEST_ID_KEY),
                 **({"error_code": code} if code else {}),
             },
         )
@@ -143,7 +154,9 @@ OPENAPI = {
         "get": {
             "summary": "Liveness: the process is up",
             "tags": ["operations"],
-            "responses": {"200": json_ok("Up.", {"type": "object", "properties": {"status": {"const": "ok"}}})},
+            "responses": {
+                "200": json_ok("Up.", {"type": "object", "properties": {"status": {"const": "ok"}}})
+            },
         }
     },
     "/ready": {
@@ -157,7 +170,10 @@ OPENAPI = {
                         "type": "object",
                         "properties": {
                             "status": {"const": "ok"},
-                            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "checks": {
+                                "type": "object",
+                                "additionalProperties": {"type": "string"},
+                            },
                         },
                     },
                 ),
@@ -169,16 +185,24 @@ OPENAPI = {
         "get": {
             "summary": "Prometheus metrics, merged over every worker (not enveloped)",
             "tags": ["operations"],
-            "responses": {"200": {"description": "Prometheus text exposition format.",
-                                  "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            "responses": {
+                "200": {
+                    "description": "Prometheus text exposition format.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
         }
     },
     "/api/v1/openapi.json": {
         "get": {
             "summary": "This OpenAPI 3.1 document (not enveloped)",
             "tags": ["operations"],
-            "responses": {"200": {"description": "The document.",
-                                  "content": {"application/json": {"schema": {"type": "object"}}}}},
+            "responses": {
+                "200": {
+                    "description": "The document.",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
         }
     },
 }

@@ -11,7 +11,7 @@ from every endpoint.
 token, whatever its scopes); called with anything else it answers 404 ``NOT_FOUND``: there is
 no current token to show.
 
-Revoking publishes ``revoke:token:{id}`` on the broker so the sockets opened with the token close.
+Revoking announces it on the broker (``shared.revocation``): the sockets opened with the token close.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -30,13 +29,12 @@ from api.keys import SERVICES
 from api.openapi import errors, json_ok
 from api.pagination import Page
 from api.validation import Body, read_json
-from shared import audit
+from shared import audit, revocation
 from shared.clock import iso_ms, now_ms, parse_iso_ms
 from shared.codes import ErrorCode
-from shared.errors import ApiError, BackendUnavailable, validation_error
+from shared.errors import ApiError, validation_error
 from shared.principals import SCOPES, Principal
 from shared.secrets import hash_token, opaque_token
-from shared.services import Services
 from shared.store.base import Executor, Row
 
 routes = web.RouteTableDef()
@@ -64,13 +62,29 @@ def read_scopes(body: Body, principal: Principal) -> list[str]:
     scopes = sorted(set(body.string_list("scopes", max_items=4 * len(SCOPES))))
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown:
-        raise ApiError(ErrorCode.VALIDATION_ERROR, f"scopes: unknown scope(s) {', '.join(unknown)}",
-                       {"field": "scopes", "reason": "unknown scope", "unknown": unknown, "allowed": sorted(SCOPES)})
+        raise ApiError(
+            ErrorCode.VALIDATION_ERROR,
+            f"scopes: unknown scope(s) {', '.join(unknown)}",
+            {
+                "field": "scopes",
+                "reason": "unknown scope",
+                "unknown": unknown,
+                "allowed": sorted(SCOPES),
+            },
+        )
     if "admin" in scopes and not principal.has_scope("admin"):
-        raise ApiError(ErrorCode.FORBIDDEN, "the 'admin' scope is for instance operators only", {"scope": "admin"})
+        raise ApiError(
+            ErrorCode.FORBIDDEN,
+            "the 'admin' scope is for instance operators only",
+            {"scope": "admin"},
+        )
     beyond = [s for s in scopes if not principal.has_scope(s)]
     if beyond:
-        raise ApiError(ErrorCode.FORBIDDEN, "a token cannot grant scopes its creator does not hold", {"scopes": beyond})
+        raise ApiError(
+            ErrorCode.FORBIDDEN,
+            "a token cannot grant scopes its creator does not hold",
+            {"scopes": beyond},
+        )
     return scopes
 
 
@@ -93,7 +107,8 @@ def read_expiry(body: Body) -> int | None:
 async def _owned(ex: Executor, token_id: str, user_id: str) -> Row:
     row = await ex.fetchrow(
         f"SELECT {TOKEN_FIELDS} FROM api_tokens WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
-        token_id, user_id,
+        token_id,
+        user_id,
     )
     if row is None:
         raise ApiError(ErrorCode.NOT_FOUND, "no such token")
@@ -103,20 +118,15 @@ async def _owned(ex: Executor, token_id: str, user_id: str) -> Row:
 async def _revoke(ex: Executor, token_id: str, user_id: str, ip: str) -> bool:
     done = await ex.execute(
         "UPDATE api_tokens SET revoked_at = $3 WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
-        token_id, user_id, now_ms(),
+        token_id,
+        user_id,
+        now_ms(),
     )
     if done:
-        await audit.record(ex, user_id=user_id, event="token.revoked", ip=ip, details={"token_id": token_id})
+        await audit.record(
+            ex, user_id=user_id, event="token.revoked", ip=ip, details={"token_id": token_id}
+        )
     return done == 1
-
-
-async def _announce_revoked(services: Services, token_ids: Iterable[str]) -> None:
-    """Tell every node, so sockets opened with these tokens close (the relay subscribes)."""
-    for token_id in token_ids:
-        try:
-            await services.broker.publish(f"revoke:token:{token_id}", b"")
-        except BackendUnavailable as exc:
-            log.error("could not announce a token revocation: %s", exc)
 
 
 @routes.post(PREFIX)
@@ -128,16 +138,33 @@ async def create_token(request: web.Request) -> web.StreamResponse:
     scopes = read_scopes(body, principal)
     expires_at = read_expiry(body)
     secret = opaque_token(API_TOKEN_PREFIX)
-    row = {"id": str(uuid.uuid4()), "name": name, "scopes": json.dumps(scopes), "created_at": now_ms(),
-           "expires_at": expires_at, "last_used_at": None}
+    row = {
+        "id": str(uuid.uuid4()),
+        "name": name,
+        "scopes": json.dumps(scopes),
+        "created_at": now_ms(),
+        "expires_at": expires_at,
+        "last_used_at": None,
+    }
     async with services.db.transaction() as tx:
         await tx.execute(
             "INSERT INTO api_tokens (id, user_id, name, token_hash, scopes, created_at, expires_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            row["id"], principal.user_id, name, hash_token(secret), row["scopes"], row["created_at"], expires_at,
+            row["id"],
+            principal.user_id,
+            name,
+            hash_token(secret),
+            row["scopes"],
+            row["created_at"],
+            expires_at,
         )
-        await audit.record(tx, user_id=principal.user_id, event="token.created", ip=client_ip(request),
-                           details={"token_id": row["id"], "scopes": scopes})
+        await audit.record(
+            tx,
+            user_id=principal.user_id,
+            event="token.created",
+            ip=client_ip(request),
+            details={"token_id": row["id"], "scopes": scopes},
+        )
     return ok(request, {**render_token(row), "token": secret}, status=201)
 
 
@@ -147,13 +174,20 @@ async def list_tokens(request: web.Request) -> web.StreamResponse:
     page = Page.from_request(request)
     after_created, after_id = -1, ""
     if page.after is not None:
-        if len(page.after) != 2 or not isinstance(page.after[0], int) or not isinstance(page.after[1], str):
+        if (
+            len(page.after) != 2
+            or not isinstance(page.after[0], int)
+            or not isinstance(page.after[1], str)
+        ):
             raise validation_error("cursor", "is not a valid cursor")
         after_created, after_id = page.after
     rows = await request.app[SERVICES].db.fetch(
         f"SELECT {TOKEN_FIELDS} FROM api_tokens WHERE user_id = $1 AND revoked_at IS NULL"
         " AND (created_at > $2 OR (created_at = $2 AND id > $3)) ORDER BY created_at, id LIMIT $4",
-        principal.user_id, after_created, after_id, page.limit + 1,
+        principal.user_id,
+        after_created,
+        after_id,
+        page.limit + 1,
     )
     return ok(request, page.result(rows, lambda r: (r["created_at"], r["id"]), render_token))
 
@@ -163,7 +197,10 @@ async def current_token(request: web.Request) -> web.StreamResponse:
     principal = await require_principal(request)
     if principal.kind != "api_token" or principal.token_id is None or principal.user_id is None:
         raise ApiError(ErrorCode.NOT_FOUND, "this request is not authenticated with an API token")
-    return ok(request, render_token(await _owned(request.app[SERVICES].db, principal.token_id, principal.user_id)))
+    return ok(
+        request,
+        render_token(await _owned(request.app[SERVICES].db, principal.token_id, principal.user_id)),
+    )
 
 
 @routes.patch(PREFIX + "/{id}")
@@ -186,11 +223,21 @@ async def update_token(request: web.Request) -> web.StreamResponse:
         # One statement for every case: unchanged columns are written back as they were.
         await tx.execute(
             "UPDATE api_tokens SET name = $2, scopes = $3, expires_at = $4 WHERE id = $1",
-            token_id, row["name"], row["scopes"], row["expires_at"],
+            token_id,
+            row["name"],
+            row["scopes"],
+            row["expires_at"],
         )
         if changes:
-            await audit.record(tx, user_id=user_id, event="token.updated", ip=client_ip(request),
-                               details={"token_id": token_id, "fields": sorted(changes)})
+            await audit.record(
+                tx,
+                user_id=user_id,
+                event="token.updated",
+                ip=client_ip(request),
+                details={"token_id": token_id, "fields": sorted(changes)},
+            )
+    if changes:  # after the commit: a lookup in between must not cache the old row again
+        revocation.forget_cached_token(services, token_id)
     return ok(request, render_token(row))
 
 
@@ -202,7 +249,7 @@ async def delete_token(request: web.Request) -> web.StreamResponse:
     async with services.db.transaction() as tx:
         if not await _revoke(tx, token_id, str(principal.user_id), client_ip(request)):
             raise ApiError(ErrorCode.NOT_FOUND, "no such token")
-    await _announce_revoked(services, [token_id])
+    await revocation.tokens_revoked(services, [token_id])
     return ok(request, status=204)
 
 
@@ -215,7 +262,7 @@ async def revoke_tokens(request: web.Request) -> web.StreamResponse:
     ip = client_ip(request)
     async with services.db.transaction() as tx:
         revoked = [i for i in ids if await _revoke(tx, i, str(principal.user_id), ip)]
-    await _announce_revoked(services, revoked)
+    await revocation.tokens_revoked(services, revoked)
     return ok(request, {"revoked": revoked, "not_found": [i for i in ids if i not in revoked]})
 
 
@@ -240,71 +287,155 @@ _MANAGE = " Needs a user access JWT or an API token with the admin scope (else 4
 
 
 def _body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {
-        "schema": {"type": "object", "required": required, "properties": properties}}}}
+    return {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "required": required, "properties": properties}
+            }
+        },
+    }
 
 
-_SCOPES_FIELD = {"type": "array", "items": {"type": "string", "enum": sorted(SCOPES)},
-                 "description": "unknown names: 400 VALIDATION_ERROR; admin (operators only) or any scope the "
-                                "caller lacks: 403 FORBIDDEN"}
-_EXPIRES_FIELD = {"type": ["string", "null"], "format": "date-time", "description": "future ISO-8601 time; null = never"}
+_SCOPES_FIELD = {
+    "type": "array",
+    "items": {"type": "string", "enum": sorted(SCOPES)},
+    "description": "unknown names: 400 VALIDATION_ERROR; admin (operators only) or any scope the "
+    "caller lacks: 403 FORBIDDEN",
+}
+_EXPIRES_FIELD = {
+    "type": ["string", "null"],
+    "format": "date-time",
+    "description": "future ISO-8601 time; null = never",
+}
 
 OPENAPI: dict[str, dict[str, dict[str, Any]]] = {
     PREFIX: {
         "post": {
-            "summary": "Create an API token (the secret is shown once)", "tags": ["tokens"],
-            "description": "Answers the token object plus `token`, the `sbt_` secret; only its hash is stored." + _MANAGE,
+            "summary": "Create an API token (the secret is shown once)",
+            "tags": ["tokens"],
+            "description": "Answers the token object plus `token`, the `sbt_` secret; only its hash is stored."
+            + _MANAGE,
             "security": _SECURITY,
-            "requestBody": _body({"name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
-                                  "scopes": _SCOPES_FIELD, "expires_at": _EXPIRES_FIELD}, ["name", "scopes"]),
-            "responses": {"201": json_ok("Created.", {"allOf": [TOKEN_SCHEMA, {
-                "type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}]}),
-                **errors(400, 401, 403)},
+            "requestBody": _body(
+                {
+                    "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+                    "scopes": _SCOPES_FIELD,
+                    "expires_at": _EXPIRES_FIELD,
+                },
+                ["name", "scopes"],
+            ),
+            "responses": {
+                "201": json_ok(
+                    "Created.",
+                    {
+                        "allOf": [
+                            TOKEN_SCHEMA,
+                            {
+                                "type": "object",
+                                "required": ["token"],
+                                "properties": {"token": {"type": "string"}},
+                            },
+                        ]
+                    },
+                ),
+                **errors(400, 401, 403),
+            },
         },
         "get": {
-            "summary": "The caller's API tokens (never the secrets)", "tags": ["tokens"],
-            "description": "Revoked tokens are not listed; expired ones are, with their expires_at. Oldest first." + _MANAGE,
+            "summary": "The caller's API tokens (never the secrets)",
+            "tags": ["tokens"],
+            "description": "Revoked tokens are not listed; expired ones are, with their expires_at. Oldest first."
+            + _MANAGE,
             "security": _SECURITY,
             "parameters": [
-                {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 200},
+                },
                 {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}},
             ],
-            "responses": {"200": json_ok("A page of tokens.", {"type": "object", "properties": {
-                "items": {"type": "array", "items": TOKEN_SCHEMA}, "next_cursor": {"type": ["string", "null"]}}}),
-                **errors(400, 401, 403)},
+            "responses": {
+                "200": json_ok(
+                    "A page of tokens.",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "items": {"type": "array", "items": TOKEN_SCHEMA},
+                            "next_cursor": {"type": ["string", "null"]},
+                        },
+                    },
+                ),
+                **errors(400, 401, 403),
+            },
         },
     },
-    PREFIX + "/current": {"get": {
-        "summary": "The API token this request is authenticated with", "tags": ["tokens"],
-        "description": "Any API token may read itself. With any other credential: 404 NOT_FOUND (no current token).",
-        "security": [{"apiToken": []}, {"userJwt": []}],
-        "responses": {"200": json_ok("The token.", TOKEN_SCHEMA), **errors(401, 404)},
-    }},
+    PREFIX + "/current": {
+        "get": {
+            "summary": "The API token this request is authenticated with",
+            "tags": ["tokens"],
+            "description": "Any API token may read itself. With any other credential: 404 NOT_FOUND (no current token).",
+            "security": [{"apiToken": []}, {"userJwt": []}],
+            "responses": {"200": json_ok("The token.", TOKEN_SCHEMA), **errors(401, 404)},
+        }
+    },
     PREFIX + "/{id}": {
         "patch": {
-            "summary": "Rename a token, change its scopes or expiry", "tags": ["tokens"],
+            "summary": "Rename a token, change its scopes or expiry",
+            "tags": ["tokens"],
             "description": "Only the fields present change (`expires_at: null` removes the expiry). Another user's "
-                           "or a revoked token: 404 NOT_FOUND." + _MANAGE,
-            "security": _SECURITY, "parameters": _ID,
-            "requestBody": _body({"name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
-                                  "scopes": _SCOPES_FIELD, "expires_at": _EXPIRES_FIELD}, []),
-            "responses": {"200": json_ok("The updated token.", TOKEN_SCHEMA), **errors(400, 401, 403, 404)},
+            "or a revoked token: 404 NOT_FOUND." + _MANAGE,
+            "security": _SECURITY,
+            "parameters": _ID,
+            "requestBody": _body(
+                {
+                    "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+                    "scopes": _SCOPES_FIELD,
+                    "expires_at": _EXPIRES_FIELD,
+                },
+                [],
+            ),
+            "responses": {
+                "200": json_ok("The updated token.", TOKEN_SCHEMA),
+                **errors(400, 401, 403, 404),
+            },
         },
         "delete": {
-            "summary": "Revoke a token", "tags": ["tokens"],
-            "description": "It stops working at once; sockets opened with it close within 1 s." + _MANAGE,
-            "security": _SECURITY, "parameters": _ID,
+            "summary": "Revoke a token",
+            "tags": ["tokens"],
+            "description": "It stops working at once; sockets opened with it close within 1 s."
+            + _MANAGE,
+            "security": _SECURITY,
+            "parameters": _ID,
             "responses": {"204": {"description": "Revoked."}, **errors(401, 403, 404)},
         },
     },
-    PREFIX + "/revoke": {"post": {
-        "summary": "Revoke several tokens", "tags": ["tokens"],
-        "description": f"At most {MAX_BATCH} ids. Ids that are unknown, revoked or another user's are listed in "
-                       "not_found (no error)." + _MANAGE,
-        "security": _SECURITY,
-        "requestBody": _body({"ids": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_BATCH}}, ["ids"]),
-        "responses": {"200": json_ok("What was revoked.", {"type": "object", "properties": {
-            "revoked": {"type": "array", "items": {"type": "string"}},
-            "not_found": {"type": "array", "items": {"type": "string"}}}}), **errors(400, 401, 403)},
-    }},
+    PREFIX + "/revoke": {
+        "post": {
+            "summary": "Revoke several tokens",
+            "tags": ["tokens"],
+            "description": f"At most {MAX_BATCH} ids. Ids that are unknown, revoked or another user's are listed in "
+            "not_found (no error)." + _MANAGE,
+            "security": _SECURITY,
+            "requestBody": _body(
+                {"ids": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_BATCH}},
+                ["ids"],
+            ),
+            "responses": {
+                "200": json_ok(
+                    "What was revoked.",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "revoked": {"type": "array", "items": {"type": "string"}},
+                            "not_found": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                ),
+                **errors(400, 401, 403),
+            },
+        }
+    },
 }

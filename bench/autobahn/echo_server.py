@@ -65,6 +65,7 @@ async def main(port: int) -> None:
             ws_outbound_limit_bytes=256 * 1024 * 1024,
             ws_rate="1000000/1",
             ws_burst=1000000,
+            ws_max_fragments=10_000_000,  # cases 9.3.x/9.4.x split 4 MiB into up to 1-byte fragments
             rate_ws_connect="1000000/1",  # one connection per case, ~500 cases from one principal
             heartbeat_s=3600.0,  # no server pings in the middle of a case
         )

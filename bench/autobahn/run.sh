@@ -39,14 +39,16 @@ if [[ ! -x "$venv/bin/wstest" ]]; then
 fi
 
 cd "$here"
-config="fuzzingclient.json"
-if [[ -n "${CASES:-}" ]]; then
-    config="$(mktemp --suffix=.json)"
-    "$py" -c 'import json,sys; c=json.load(open("fuzzingclient.json")); c["cases"]=json.loads(sys.argv[1]); json.dump(c, open(sys.argv[2], "w"))' "$CASES" "$config"
-fi
-if [[ "$port" != 9001 ]]; then
-    sed -i "s/127.0.0.1:9001/127.0.0.1:$port/" "$config"
-fi
+# Always a temporary copy: the checked-in fuzzingclient.json names port 9001 and all cases.
+config="$(mktemp --suffix=.json)"
+"$py" -c '
+import json, sys
+c = json.load(open("fuzzingclient.json"))
+if sys.argv[1]:
+    c["cases"] = json.loads(sys.argv[1])
+c["servers"][0]["url"] = c["servers"][0]["url"].replace("127.0.0.1:9001", "127.0.0.1:" + sys.argv[2])
+json.dump(c, open(sys.argv[3], "w"))
+' "${CASES:-}" "$port" "$config"
 
 rm -rf reports
 PYTHONPATH="$root" "$py" echo_server.py --port "$port" > echo_server.log 2>&1 &

@@ -19,6 +19,9 @@ def main(index_path: str, allowlist_path: str) -> int:
     with open(allowlist_path) as f:
         allowed: dict[str, str] = json.load(f)
     status = 0
+    if not index or not any(index.values()):
+        print("no case ran: was the echo server reachable? (see wstest.log)")
+        return 1
     for agent, cases in sorted(index.items()):
         behaviour = Counter(c["behavior"] for c in cases.values())
         closing = Counter(c["behaviorClose"] for c in cases.values())

@@ -101,7 +101,10 @@ class BlobReader:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await asyncio.to_thread(self._file.close)
 
@@ -335,7 +338,10 @@ def _commit(file: BinaryIO, tmp: Path, path: Path, content_type: str) -> None:
 
 def _content_type(path: Path) -> str:
     try:
-        return path.with_name(path.name + _META_SUFFIX).read_text(encoding="ascii") or DEFAULT_CONTENT_TYPE
+        return (
+            path.with_name(path.name + _META_SUFFIX).read_text(encoding="ascii")
+            or DEFAULT_CONTENT_TYPE
+        )
     except _NOT_THERE:
         return DEFAULT_CONTENT_TYPE
 
@@ -353,7 +359,9 @@ def _open_reader(key: str, path: Path) -> BlobReader:
         st = os.fstat(file.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise IsADirectoryError(key)
-        return BlobReader(file, BlobInfo(key=key, size=st.st_size, content_type=_content_type(path)))
+        return BlobReader(
+            file, BlobInfo(key=key, size=st.st_size, content_type=_content_type(path))
+        )
     except BaseException:
         file.close()
         raise

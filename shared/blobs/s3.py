@@ -51,7 +51,12 @@ def _translate(what: str) -> Iterator[None]:
         if code in _UNAVAILABLE or status == 503:
             raise BackendUnavailable(f"S3 unavailable ({code or status})") from exc
         raise BlobError(f"S3 error {code or status} on {what}") from exc
-    except (BotoConnectionError, HTTPClientError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+    except (
+        BotoConnectionError,
+        HTTPClientError,
+        aiohttp.ClientConnectionError,
+        TimeoutError,
+    ) as exc:
         raise BackendUnavailable(f"cannot reach S3: {type(exc).__name__}") from exc
     except (BotoCoreError, aiohttp.ClientError) as exc:
         raise BlobError(f"S3 client error on {what}: {type(exc).__name__}") from exc
@@ -121,7 +126,10 @@ class S3BlobStore:
             await self._call("create_bucket", "bucket", **params)
         except BlobError as exc:
             cause = exc.__cause__
-            if not (isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") == "BucketAlreadyOwnedByYou"):
+            if not (
+                isinstance(cause, ClientError)
+                and cause.response.get("Error", {}).get("Code") == "BucketAlreadyOwnedByYou"
+            ):
                 raise  # another worker creating it at the same time is fine; anything else is not
             return
         await self._call(
@@ -180,10 +188,14 @@ class S3BlobStore:
                             "create_multipart_upload", key, Key=key, ContentType=content_type
                         )
                         upload_id = str(created["UploadId"])
-                    parts.append(await self._upload_part(key, upload_id, len(parts) + 1, buffer[:PART_SIZE]))
+                    parts.append(
+                        await self._upload_part(key, upload_id, len(parts) + 1, buffer[:PART_SIZE])
+                    )
                     del buffer[:PART_SIZE]
             if upload_id is None:
-                await self._call("put_object", key, Key=key, Body=bytes(buffer), ContentType=content_type)
+                await self._call(
+                    "put_object", key, Key=key, Body=bytes(buffer), ContentType=content_type
+                )
                 return size
             if buffer:
                 parts.append(await self._upload_part(key, upload_id, len(parts) + 1, buffer))
@@ -203,7 +215,9 @@ class S3BlobStore:
             raise
         return size
 
-    async def _upload_part(self, key: str, upload_id: str, number: int, body: bytearray) -> dict[str, Any]:
+    async def _upload_part(
+        self, key: str, upload_id: str, number: int, body: bytearray
+    ) -> dict[str, Any]:
         answer = await self._call(
             "upload_part", key, Key=key, UploadId=upload_id, PartNumber=number, Body=bytes(body)
         )

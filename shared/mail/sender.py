@@ -49,7 +49,11 @@ class SmtpOptions:
     password: str | None
 
 
-_SCHEMES = {"smtp": (25, False, False), "smtp+starttls": (587, False, True), "smtps": (465, True, False)}
+_SCHEMES = {
+    "smtp": (25, False, False),
+    "smtp+starttls": (587, False, True),
+    "smtps": (465, True, False),
+}
 
 
 def smtp_options(url: str) -> SmtpOptions:
@@ -57,7 +61,9 @@ def smtp_options(url: str) -> SmtpOptions:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES or not parts.hostname:
-        raise ValueError("SMTP_URL must look like smtp://host:25, smtp+starttls://user:pass@host:587 or smtps://user:pass@host:465")
+        raise ValueError(
+            "SMTP_URL must look like smtp://host:25, smtp+starttls://user:pass@host:587 or smtps://user:pass@host:465"
+        )
     default_port, use_tls, start_tls = _SCHEMES[scheme]
     return SmtpOptions(
         hostname=parts.hostname,
@@ -88,7 +94,9 @@ def write_eml(directory: Path, email_id: str, data: bytes) -> Path:
     """Write ``<id>.eml`` atomically: a reader never sees half a file (temp file + rename)."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{email_id}.eml"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")  # not *.eml: readers glob for those
+    fd, tmp = tempfile.mkstemp(
+        dir=directory, prefix=".tmp-", suffix=".part"
+    )  # not *.eml: readers glob for those
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -200,11 +208,17 @@ class OutboxSender:
             attempts = row.attempts + 1
             if attempts >= self._settings.mail_retry_max:
                 await outbox.mark_failed(self._db, row.id, error)
-                log.warning("email failed", extra={"email_id": row.id, "attempts": attempts, "error": type(exc).__name__})
+                log.warning(
+                    "email failed",
+                    extra={"email_id": row.id, "attempts": attempts, "error": type(exc).__name__},
+                )
             else:
                 delay = backoff_s(attempts, *self._backoff)
                 await outbox.mark_retry(self._db, row.id, error, now_ms() + int(delay * 1000))
-                log.info("email delivery will be retried", extra={"email_id": row.id, "attempts": attempts, "retry_in_s": round(delay, 1)})
+                log.info(
+                    "email delivery will be retried",
+                    extra={"email_id": row.id, "attempts": attempts, "retry_in_s": round(delay, 1)},
+                )
             return
         await outbox.mark_sent(self._db, row.id, now_ms())
 
@@ -212,8 +226,13 @@ class OutboxSender:
         msg = build_message(row, self._settings.mail_from)
         if self._smtp is None:
             data = msg.as_bytes(policy=policy.SMTP)
-            path = await asyncio.to_thread(write_eml, self._settings.data_path / "outbox", row.id, data)
-            log.info("email written", extra={"email_id": row.id, "template": row.template, "path": str(path)})
+            path = await asyncio.to_thread(
+                write_eml, self._settings.data_path / "outbox", row.id, data
+            )
+            log.info(
+                "email written",
+                extra={"email_id": row.id, "template": row.template, "path": str(path)},
+            )
             return
         o = self._smtp
         await aiosmtplib.send(

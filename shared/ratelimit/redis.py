@@ -8,16 +8,23 @@ and for why the TAT is stored as two numbers.
 
 The script runs with EVALSHA; redis-py's ``AsyncScript`` loads it again when Redis answers
 NOSCRIPT (after a restart or ``SCRIPT FLUSH``). Every redis-py error becomes ``BackendUnavailable``.
+
+On a Redis Cluster (``cluster=True``, setting ``REDIS_CLUSTER``) the same script runs through
+redis-py's ``RedisCluster``: it touches exactly one key, ``<prefix>rl:<key>``, so it runs on the
+master owning that key's slot (``TIME`` is that master's clock: one key, one clock). A key with a
+hash tag (``{...}``) lands in the tag's slot, as Redis defines it.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared.errors import BackendUnavailable
 from shared.ratelimit.base import Decision, Limit, RateLimiter
@@ -25,9 +32,12 @@ from shared.ratelimit.memory import EPSILON, decision
 
 CONNECT_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 5.0
-# Connections per process. A burst larger than this waits for a free connection (up to
-# COMMAND_TIMEOUT_S) instead of failing: redis-py's default pool raises "Too many connections".
+# Connections per process (per cluster node). A burst larger than this waits for a free
+# connection (up to COMMAND_TIMEOUT_S on a standalone Redis) instead of failing: redis-py's
+# default pool raises "Too many connections", RedisCluster raises MaxConnectionsError.
 POOL_SIZE = 64
+# RedisCluster raises RedisClusterException (not a RedisError) when no node can be reached.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
 # KEYS[1] bucket, stored as "<stamp us> <ahead us>" (see shared.ratelimit.memory for why two
 # numbers); ARGV: interval_us, capacity, cost, commit ("1" hit, "0" peek), epsilon.
@@ -66,31 +76,57 @@ return {allowed and 1 or 0, math.ceil(now + ahead), remaining, math.ceil(retry)}
 
 
 class RedisRateLimiter:
-    def __init__(self, url: str, *, prefix: str = "sb:") -> None:
+    def __init__(self, url: str, *, prefix: str = "sb:", cluster: bool = False) -> None:
         self._prefix = prefix + "rl:"
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=POOL_SIZE,
-            timeout=COMMAND_TIMEOUT_S,
-            socket_connect_timeout=CONNECT_TIMEOUT_S,
-            socket_timeout=COMMAND_TIMEOUT_S,
-            socket_keepalive=True,
+        options: dict[str, Any] = {
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "socket_timeout": COMMAND_TIMEOUT_S,
+            "socket_keepalive": True,
             # One retry on a fresh connection (the pooled one died with a Redis restart); a
             # limiter in front of every request must not stall on a Redis that is really down.
-            retry=Retry(NoBackoff(), 1),
-        )
-        self._client: Redis = Redis.from_pool(pool)
+            "retry": Retry(NoBackoff(), 1),
+        }
+        # RedisCluster has no blocking pool: more commands in flight than connections raise
+        # MaxConnectionsError. The gate makes a burst wait instead (each holder is bounded by its
+        # own connect and command timeouts).
+        self._gate: asyncio.Semaphore | None = None
+        if cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            self._client: Any = RedisCluster.from_url(url, max_connections=POOL_SIZE, **options)
+            self._gate = asyncio.Semaphore(POOL_SIZE)
+        else:
+            pool = BlockingConnectionPool.from_url(
+                url, max_connections=POOL_SIZE, timeout=COMMAND_TIMEOUT_S, **options
+            )
+            self._client = Redis.from_pool(pool)
         self._script = self._client.register_script(GCRA_LUA)
         self._eps = repr(EPSILON)
+
+    async def _on_cluster(
+        self, command: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Run a ``RedisCluster`` command: initialized first, at most POOL_SIZE in flight."""
+        assert self._gate is not None
+        async with self._gate:
+            # redis-py's async cluster client must be initialized before any command: sent before,
+            # a command goes to a random node, and the MOVEDs of a concurrent burst make it close
+            # every connection, in-flight commands' included (redis-py issues 3032 and 4322).
+            _ = await self._client.initialize()
+            return await command(*args, **kwargs)
 
     async def _run(self, key: str, limit: Limit, cost: int, commit: bool) -> Decision:
         if cost < 1:
             raise ValueError("cost must be >= 1")
         interval = limit.period_s * 1e6 / limit.count
         args = (repr(interval), limit.capacity, cost, "1" if commit else "0", self._eps)
+        keys = [self._prefix + key]
         try:
-            reply: Any = await self._script(keys=[self._prefix + key], args=args)
-        except (RedisError, OSError) as exc:
+            if self._gate is None:
+                reply: Any = await self._script(keys=keys, args=args)
+            else:
+                reply = await self._on_cluster(self._script, keys=keys, args=args)
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable(f"redis rate limit failed: {exc.__class__.__name__}") from exc
         allowed, full_us, remaining, retry_us = reply
         return decision(limit, allowed == 1, full_us, remaining, retry_us)
@@ -103,8 +139,11 @@ class RedisRateLimiter:
 
     async def reset(self, key: str) -> None:
         try:
-            await self._client.delete(self._prefix + key)
-        except (RedisError, OSError) as exc:
+            if self._gate is None:
+                await self._client.delete(self._prefix + key)
+            else:
+                await self._on_cluster(self._client.delete, self._prefix + key)
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable(
                 f"redis rate limit reset failed: {exc.__class__.__name__}"
             ) from exc
@@ -112,7 +151,7 @@ class RedisRateLimiter:
     async def close(self) -> None:
         try:
             await self._client.aclose()
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             pass  # closing a client whose server is gone: nothing left to release
 
 

@@ -66,7 +66,9 @@ async def open_database(
     if url.startswith(("postgres://", "postgresql://")):
         from shared.store.postgres import PostgresDatabase
 
-        db = await PostgresDatabase.connect(url, pool_min=pool_min, pool_max=pool_max, schema=schema)
+        db = await PostgresDatabase.connect(
+            url, pool_min=pool_min, pool_max=pool_max, schema=schema
+        )
     elif url.startswith("sqlite:///"):
         from shared.store.sqlite import SqliteDatabase
 

@@ -56,6 +56,17 @@ def _map_errors() -> Iterator[None]:
         raise BackendUnavailable(f"postgresql: {exc}") from exc
 
 
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset on release: nothing to undo.
+
+    asyncpg's default runs ``RESET ALL; UNLISTEN *; CLOSE ALL; pg_advisory_unlock_all()`` on every
+    release, one more round trip per query (15 % of the server's samples under the durable
+    publish benchmark). This store leaves no session state behind: the schema is a startup
+    parameter, nothing LISTENs or SETs, the migration lock is released in a ``finally``. asyncpg
+    still rolls back a transaction left open before calling this.
+    """
+
+
 def _rowcount(status: str) -> int:
     tail = status.rsplit(" ", 1)[-1]
     return int(tail) if tail.isdigit() else 0
@@ -119,6 +130,7 @@ class PostgresDatabase:
                 server_settings=settings,
                 timeout=10,
                 command_timeout=30,
+                reset=_keep_session,
             )
         return cls(pool, schema)
 
@@ -160,7 +172,9 @@ class PostgresDatabase:
     async def _rollback(tx: Any) -> None:
         # The caller's exception is what matters; a rollback that fails (connection lost) must
         # not replace it, and the pool discards a broken connection on release anyway.
-        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        with contextlib.suppress(
+            asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError
+        ):
             await tx.rollback()
 
     async def ping(self) -> None:
@@ -177,7 +191,9 @@ class PostgresDatabase:
         with _map_errors():
             async with self._pool.acquire() as conn:
                 # Workers and nodes start together: one migrates, the others wait here.
-                await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"sb-migrate:{self.schema}")
+                await conn.execute(
+                    "SELECT pg_advisory_lock(hashtext($1))", f"sb-migrate:{self.schema}"
+                )
                 try:
                     await conn.execute(CREATE_TABLE)
                     done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
@@ -194,7 +210,9 @@ class PostgresDatabase:
                             )
                         applied.append(m.name)
                 finally:
-                    await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", f"sb-migrate:{self.schema}")
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(hashtext($1))", f"sb-migrate:{self.schema}"
+                    )
         return applied
 
     async def close(self) -> None:

@@ -129,7 +129,9 @@ class SqliteDatabase:
             if path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise BackendUnavailable(f"sqlite: cannot create the directory of {path}: {exc}") from exc
+            raise BackendUnavailable(
+                f"sqlite: cannot create the directory of {path}: {exc}"
+            ) from exc
         with _map_errors():
             conn = await aiosqlite.connect(path, isolation_level=None)
             conn.row_factory = sqlite3.Row
@@ -201,7 +203,12 @@ class SqliteDatabase:
         async with self._lock:
             with _map_errors():
                 await self._conn.execute(CREATE_TABLE)
-                done = {r[0] for r in await self._conn.execute_fetchall("SELECT version FROM schema_migrations")}
+                done = {
+                    r[0]
+                    for r in await self._conn.execute_fetchall(
+                        "SELECT version FROM schema_migrations"
+                    )
+                }
                 for m in load_migrations(self.dialect):
                     if m.version not in done and await self._apply(m):
                         applied.append(m.name)
@@ -217,7 +224,9 @@ class SqliteDatabase:
         try:
             await self._conn.execute("BEGIN IMMEDIATE")
             fresh = not list(
-                await self._conn.execute_fetchall("SELECT 1 FROM schema_migrations WHERE version = ?", (m.version,))
+                await self._conn.execute_fetchall(
+                    "SELECT 1 FROM schema_migrations WHERE version = ?", (m.version,)
+                )
             )
             if fresh:
                 for statement in _statements(m.sql):
@@ -234,5 +243,3 @@ class SqliteDatabase:
 
     async def close(self) -> None:
         await self._conn.close()
-
-
