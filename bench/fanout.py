@@ -508,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
         "tests": {},
     }
     failed = False
+    RESULTS.mkdir(exist_ok=True)
+    path = (
+        RESULTS
+        / f"fanout-{args.adapter}{'-' + args.tag if args.tag else ''}-{started:%Y%m%dT%H%M%S}.json"
+    )
     for name in args.tests.upper():
         trials, errors = [], []
         for i in range(args.runs):
@@ -519,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 status, failed = f" FAILED {errors[-1]}", True
             took = time.perf_counter() - t0
+            # Written after every trial: a long run (E) stopped midway keeps what it measured.
+            report["tests"][name] = {"trials": trials, "errors": errors}
+            path.write_text(json.dumps(report, indent=1, default=str))
             print(
                 f"  {args.adapter} {name} run {i + 1}/{args.runs}: {took:.1f}s{status}", flush=True
             )
@@ -532,11 +540,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"    {label:28s} {fmt(v['median']):>12s}  ({fmt(v['min'])} - {fmt(v['max'])}, n={v['n']})",
                 flush=True,
             )
-    RESULTS.mkdir(exist_ok=True)
-    path = (
-        RESULTS
-        / f"fanout-{args.adapter}{'-' + args.tag if args.tag else ''}-{started:%Y%m%dT%H%M%S}.json"
-    )
     path.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {path}")
     return 1 if failed else 0
