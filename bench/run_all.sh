@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tests A-D against Switchboard and every peer in one run (what BENCHMARKS.md reports).
 #   bash bench/run_all.sh [TAG] [ROUNDS]    # ~45 min for 3 rounds; bench/results/*-TAG-*.json
+#   TARGETS="switchboard nats" bash bench/run_all.sh TAG   # a subset
 # Interleaved: each round runs one trial of every target, in a rotated order, so that the load of
 # other users of this shared machine falls on all targets alike; bench/summarize.py TAG merges
 # the rounds (median and min-max over them).
@@ -12,7 +13,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py="$here/../.venv/bin/python"
 tag="${1:-all}"
 rounds="${2:-3}"
-targets=(switchboard nats nchan websockets ywebsocket)
+read -r -a targets <<< "${TARGETS:-switchboard nats nchan websockets ywebsocket}"
 for ((r = 0; r < rounds; r++)); do
     for ((i = 0; i < ${#targets[@]}; i++)); do
         target="${targets[$(((i + r) % ${#targets[@]}))]}"

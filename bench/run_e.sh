@@ -13,7 +13,7 @@ tag="${1:-e}"
 common=(--peer switchboard --runs 1 --a-steps '' --sb-redis 16379)
 for r in 1 2 3; do
     echo "== round $r $(date -u +%FT%TZ) load: $(cut -d' ' -f1-3 /proc/loadavg)"
-    "$py" "$here/fanout.py" "${common[@]}" --tests AC --tag "$tag-w1"
+    flock /tmp/switchboard-bench.lock "$py" "$here/fanout.py" "${common[@]}" --tests AC --tag "$tag-w1"
     "$py" "$here/fanout.py" "${common[@]}" --tests AC --sb-env WORKERS=2 --server-cpus 0,1 \
         --load-cpus '' --tag "$tag-w2"
 done
