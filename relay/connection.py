@@ -444,7 +444,7 @@ class WsConnection(asyncio.Protocol):
                 error_frame(ErrorCode.INTERNAL_ERROR, "internal error", request_id_of(message))
             )
             return
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):  # None: answered in place (cheap)
             _ = self._state.spawn(self._await_handler(result, message))
 
     async def _await_handler(self, result: Any, message: Message) -> None:
