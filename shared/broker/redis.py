@@ -63,6 +63,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from shared.broker.base import Broker, MessageHandler
 from shared.errors import BackendUnavailable
+from shared.redis_cluster import run_on_cluster
 
 if TYPE_CHECKING:
     from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -184,14 +185,8 @@ class RedisBroker:
     async def _on_cluster(
         self, command: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
     ) -> Any:
-        """Run a ``RedisCluster`` command: initialized first, at most POOL_SIZE in flight."""
         assert self._gate is not None
-        async with self._gate:
-            # redis-py's async cluster client must be initialized before any command: sent before,
-            # a command goes to a random node, and the MOVEDs of a concurrent burst make it close
-            # every connection, in-flight commands' included (redis-py issues 3032 and 4322).
-            _ = await self._client.initialize()
-            return await command(*args, **kwargs)
+        return await run_on_cluster(self._client, self._gate, command, *args, **kwargs)
 
     async def publish_sequenced(self, counter_key: str, channel: str, data: bytes) -> int:
         # INCR and PUBLISH in one script: Redis runs it atomically, so the channel carries the

@@ -29,6 +29,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from shared.errors import BackendUnavailable
 from shared.ratelimit.base import Decision, Limit, RateLimiter
 from shared.ratelimit.memory import EPSILON, decision
+from shared.redis_cluster import run_on_cluster
 
 CONNECT_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 5.0
@@ -106,14 +107,8 @@ class RedisRateLimiter:
     async def _on_cluster(
         self, command: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
     ) -> Any:
-        """Run a ``RedisCluster`` command: initialized first, at most POOL_SIZE in flight."""
         assert self._gate is not None
-        async with self._gate:
-            # redis-py's async cluster client must be initialized before any command: sent before,
-            # a command goes to a random node, and the MOVEDs of a concurrent burst make it close
-            # every connection, in-flight commands' included (redis-py issues 3032 and 4322).
-            _ = await self._client.initialize()
-            return await command(*args, **kwargs)
+        return await run_on_cluster(self._client, self._gate, command, *args, **kwargs)
 
     async def _run(self, key: str, limit: Limit, cost: int, commit: bool) -> Decision:
         if cost < 1:
