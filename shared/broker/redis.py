@@ -374,14 +374,7 @@ class RedisBroker:
                 continue
             kind = msg["type"]
             if kind == "message":
-                channel = subs.get(msg["channel"])
-                handler = self._handler
-                if channel is None or handler is None:
-                    continue  # unsubscribed while the message was in flight
-                try:
-                    handler(channel, msg["data"])
-                except Exception:
-                    log.exception("broker handler failed")
+                deliver(subs, self._handler, msg["channel"], msg["data"])
             elif kind == "subscribe":
                 name = msg["channel"]
                 if name in subs:
@@ -614,14 +607,7 @@ class _ShardedSubscriber:
                     continue
                 kind = msg["type"]
                 if kind == "smessage":
-                    channel = subs.get(msg["channel"])
-                    handler = self._handler
-                    if channel is None or handler is None:
-                        continue  # unsubscribed while the message was in flight
-                    try:
-                        handler(channel, msg["data"])
-                    except Exception:
-                        log.exception("broker handler failed")
+                    deliver(subs, self._handler, msg["channel"], msg["data"])
                 elif kind == "ssubscribe":
                     name = msg["channel"]
                     if name in subs and route.get(name) is shard:
@@ -772,6 +758,19 @@ def _fail_confirms(
             if not confirmed.done():
                 confirmed.set_exception(error or BackendUnavailable("redis connection lost"))
     confirms.clear()
+
+
+def deliver(
+    subs: dict[bytes, str], handler: MessageHandler | None, name: bytes, data: bytes
+) -> None:
+    """One message to the handler (the hub), if its channel is still wanted."""
+    channel = subs.get(name)
+    if channel is None or handler is None:
+        return  # unsubscribed while the message was in flight
+    try:
+        handler(channel, data)
+    except Exception:
+        log.exception("broker handler failed")
 
 
 def subscriber_name(prefix: str) -> str:
