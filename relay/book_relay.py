@@ -39,7 +39,6 @@ from relay.protocol import Message, error_frame, request_id_of
 from shared.broker.memory import MemoryBroker
 from shared.codes import CloseCode, ErrorCode
 from shared.errors import BackendUnavailable
-from shared.store.base import Executor
 
 if TYPE_CHECKING:
     from relay.connection import WsConnection
@@ -62,16 +61,6 @@ def channel_of(book_id: str) -> str:
 
 def sequence_key_of(book_id: str) -> str:
     return f"bookseq:{{{book_id}}}"
-
-
-async def is_member(db: Executor, book_id: str, device_id: str) -> bool:
-    """A current member (an unknown book is simply not a book the device belongs to)."""
-    found = await db.fetchval(
-        "SELECT 1 FROM book_members WHERE book_id = $1 AND device_id = $2 AND removed_at IS NULL",
-        book_id,
-        device_id,
-    )
-    return found is not None
 
 
 def op_error(code: ErrorCode, message: str, op_id: Any) -> Message:

@@ -19,6 +19,7 @@ from relay import book_relay
 from relay.httphead import RequestHead
 from relay.protocol import DEVICE_ID, SUBPROTOCOLS, Codec, codec_for, select_subprotocol
 from relay.state import RelayState
+from shared.books import is_member
 from shared.codes import ErrorCode
 from shared.errors import ApiError, validation_error
 from shared.principals import Principal, authenticate, bearer_from_header
@@ -139,7 +140,7 @@ async def _admit_relay(state: RelayState, head: RequestHead, book_id: str) -> Pr
     limit = Limit.of(state.settings.rate("rate_relay_connect"))
     decision = await state.services.limiter.hit(f"relay_connect:{principal.device_id}", limit)
     decision.raise_if_denied("too many relay connections; retry later")
-    if not await book_relay.is_member(state.services.db, book_id, principal.device_id):
+    if not await is_member(state.services.db, book_id, principal.device_id):
         raise ApiError(ErrorCode.FORBIDDEN, "not a member of this book")
     book_relay.for_state(state)  # its handlers are in place before the socket can send anything
     return principal

@@ -22,15 +22,21 @@ class ConfigError(ValueError):
     """A setting has a value that cannot be used."""
 
 
+UNLIMITED = -1  # RateSpec.count of "unlimited"
+
+
 @dataclass(frozen=True, slots=True)
 class RateSpec:
-    """``count`` events per ``period_s`` seconds, e.g. parsed from ``"10/900"``."""
+    """``count`` events per ``period_s`` seconds, e.g. parsed from ``"10/900"``; ``"unlimited"``
+    (``count`` = ``UNLIMITED``) where a tier has no limit (the seed's paid photo downloads)."""
 
     count: int
     period_s: float
 
     @classmethod
     def parse(cls, text: str) -> RateSpec:
+        if text.strip().lower() == "unlimited":
+            return cls(UNLIMITED, 1.0)
         try:
             count, _, period = text.partition("/")
             spec = cls(int(count), float(period or 1))
@@ -40,7 +46,13 @@ class RateSpec:
             raise ConfigError(f"rate must be COUNT>=0 / SECONDS>0, got {text!r}")
         return spec
 
+    @property
+    def unlimited(self) -> bool:
+        return self.count == UNLIMITED
+
     def __str__(self) -> str:
+        if self.unlimited:
+            return "unlimited"
         period = int(self.period_s) if self.period_s == int(self.period_s) else self.period_s
         return f"{self.count}/{period}"
 
@@ -199,6 +211,51 @@ class Settings:
     rate_book_create: str = _s("RATE_BOOK_CREATE", "20/3600", "Books created per device.")
     rate_relay_connect: str = _s(
         "RATE_RELAY_CONNECT", "5/600", "/ws/relay/{book_id} connections per device."
+    )
+    rate_pairing_generate: str = _s(
+        "RATE_PAIRING_GENERATE", "10/3600", "Pairing codes generated per device."
+    )
+    rate_pairing_fail_device: str = _s(
+        "RATE_PAIRING_FAIL_DEVICE", "10/600", "Failed pairing verifications per device."
+    )
+    rate_pairing_fail_ip: str = _s(
+        "RATE_PAIRING_FAIL_IP", "30/3600", "Failed pairing verifications per IP."
+    )
+    # The Home Pocket seed's table (section 2.3), per device; *_PAID when the book's tier is paid.
+    rate_photo_upload: str = _s(
+        "RATE_PHOTO_UPLOAD", "100/86400", "POST /photos/upload per device (free tier)."
+    )
+    rate_photo_upload_paid: str = _s(
+        "RATE_PHOTO_UPLOAD_PAID", "1000/86400", "POST /photos/upload per device (paid tier)."
+    )
+    rate_photo_get: str = _s(
+        "RATE_PHOTO_GET", "500/86400", "GET /photos/{id} per device (free tier)."
+    )
+    rate_photo_get_paid: str = _s(
+        "RATE_PHOTO_GET_PAID", "unlimited", "GET /photos/{id} per device (paid tier)."
+    )
+    rate_relay_send: str = _s(
+        "RATE_RELAY_SEND", "1000/86400", "POST /relay/send per device (free tier)."
+    )
+    rate_relay_send_paid: str = _s(
+        "RATE_RELAY_SEND_PAID", "10000/86400", "POST /relay/send per device (paid tier)."
+    )
+    pairing_ttl_s: int = _s("PAIRING_TTL_S", 300, "Lifetime of a pairing code (seconds).")
+    photo_max_bytes: int = _s(
+        "PHOTO_MAX_BYTES", 10485760, "Largest photo (400 PHOTO_TOO_LARGE above)."
+    )
+    snapshot_max_bytes: int = _s(
+        "SNAPSHOT_MAX_BYTES", 67108864, "Largest encrypted book snapshot (413 above)."
+    )
+    book_retention: str = _s(
+        "BOOK_RETENTION",
+        "30d,64MiB",
+        "Ciphertext kept per book for catch-up: an age and/or a size (e.g. 7d, 16MiB); 0 = store nothing.",
+    )
+    book_prune_interval_s: float = _s(
+        "BOOK_PRUNE_INTERVAL_S",
+        60.0,
+        "How often expired, oversized and snapshotted book history is dropped.",
     )
     # -- realtime -------------------------------------------------------------------------
     heartbeat_s: float = _s(
