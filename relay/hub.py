@@ -44,10 +44,10 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import msgpack
-from msgpack import packb as _packb
 from websockets.protocol import OPEN
 
 from shared.broker import Broker
+from shared.broker.envelope import pack_envelope, unpack_envelope
 
 if TYPE_CHECKING:
     from relay.connection import WsConnection
@@ -130,25 +130,8 @@ def _joined(entries: list[_Entry], binary: bool) -> bytes:
     return b"".join([entry.frame(binary) for entry in entries])
 
 
-_SEQUENCED_HEAD = b"\x93"  # MessagePack fixarray of 3: message, exclude_device, seq
-
-
-def pack_envelope(message: Message, exclude_device: str | None, *, sequenced: bool) -> bytes:
-    """The broker bytes; ``sequenced`` leaves the third item (seq) for the broker to append."""
-    if sequenced:
-        return b"".join(
-            (_SEQUENCED_HEAD, _packb(message, use_bin_type=True), _packb(exclude_device))
-        )
-    return _packb([message, exclude_device, None], use_bin_type=True)  # type: ignore[no-any-return]
-
-
 def _entry_index(entry: _Entry) -> int:
     return entry.index
-
-
-def unpack_envelope(data: bytes) -> tuple[Message, str | None, int | None]:
-    message, exclude, seq = msgpack.unpackb(data, raw=False)
-    return message, exclude, seq
 
 
 class Hub:
