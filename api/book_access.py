@@ -53,6 +53,7 @@ async def hit_device_limit(
     Raises 429 ``RATE_LIMIT_EXCEEDED`` with the contract's headers when the device is over it;
     an ``unlimited`` setting counts nothing. The key is per device, not per book: the seed's
     table limits what one device does, and a device in two books must not get twice the quota.
+    Each tier counts in its own bucket, so a book turned paid gets the paid quota at once.
     """
     services = request.app[SERVICES]
     tier = await book_tier(services.db, book_id)
@@ -60,5 +61,5 @@ async def hit_device_limit(
     spec = services.settings.rate(name)
     if spec.unlimited:
         return
-    decision = await services.limiter.hit(f"{setting}:device:{device_id}", Limit.of(spec))
+    decision = await services.limiter.hit(f"{name}:device:{device_id}", Limit.of(spec))
     decision.raise_if_denied(f"too many {what} from this device")

@@ -1,44 +1,68 @@
-"""The book relay's live path (realtime.md "Book relay: ``/ws/relay/{book_id}``").
+"""The book relay (realtime.md "Book relay: ``/ws/relay/{book_id}``").
 
-A member device's socket is subscribed to the hub channel ``book:{book_id}`` before its first
-frame (``presence``, then ``synced``), so nothing published after that frame can be missed. Each
-``crdt_operation`` is published once through the hub with a per-book sequence
-(``Hub.publish(..., sequence_key="bookseq:{<book_id>}")``, braces included: a Redis Cluster hash tag): the broker assigns the seq atomically
-with the publish, so every node relays a book's ops in seq order. The sender gets
-``{"type": "ack", "id", "seq"}``; the other members get the op with ``device_id`` (from the
-credential, never from the frame), ``relay_timestamp`` and ``seq``. The payload is never decoded
-beyond checking its base64 (msgpack peers send and receive raw bytes).
+A member device's socket joins the hub channel ``book:{<book_id>}``. Each ``crdt_operation`` is
+accepted by ``shared.books.ops.BookOps`` (the same path as ``POST /relay/send``): with retention
+on it is committed to the book's history, which gives it its seq, and then published; with
+``BOOK_RETENTION=0`` the broker numbers and publishes it in one step. The sender gets
+``{"type": "ack", "id", "seq"}`` after that; the other members get the op with ``device_id``
+(from the credential, never from the frame), ``relay_timestamp`` and ``seq``. The payload is
+never decoded beyond checking its base64 (msgpack peers send and receive raw bytes).
 
-Per-sender order: a socket's ops are published one after the other by one worker task (the
-broker may spread concurrent publishes over several connections, which could reorder them);
-at most ``WS_BURST`` ops may wait behind it, beyond that an op is refused with an error frame.
+**Order with retention on.** Seqs come from the store, and two nodes may publish seq 6 before
+seq 5. Each node keeps a ``_Feed`` per book it has sockets for: the last seq it delivered, the
+ops that arrived early, and a gap read. An op above ``delivered + 1`` waits while the gap is read
+from the store (an op is committed before it is published, and a book's commits are serialised,
+so whatever the store does not hold by then was pruned or never existed). A periodic poll does
+the same when no later op arrives to reveal a lost publish (a Redis restart, a node killed
+between its commit and its publish).
 
-Op ids: a re-sent op (same device, same ``id``) within 24 h is acknowledged with its original seq
-and not relayed again. The map is in memory on each node and bounded (``DEDUPE_MAX_ENTRIES``);
-durable dedupe across nodes and restarts comes with retention (a later issue), as do catch-up
-(``?since``), snapshots and pairing.
+**Catch-up.** Every new socket starts *held*: live ops for it are kept aside (``pending``) while
+it is set up. It then gets ``presence``; with ``?since=S`` the retained ops after S, read from
+the store page by page (paced by its write buffer), then ``synced`` with the head; or ``reset``
+(with ``snapshot_seq`` when a snapshot exists) then ``synced`` when S is older than what is
+retained, or ahead of the head; without ``since``, ``synced`` at once. The held live ops follow (those the replay
+already covered are dropped) and the socket goes live. Replay and live delivery never
+interleave, so a device sees the book in seq order.
+
+Per-sender order: a socket's ops are accepted one after the other by one worker task (the broker
+may spread concurrent publishes over several connections, which could reorder them); at most
+``WS_BURST`` ops may wait behind it, beyond that an op is refused with an error frame.
 
 Presence here is local to the node (the hub's local members): ``presence`` lists the devices
 connected to this book *on this node*, and ``device.online`` / ``device.offline`` go out when a
-device's first / last socket on the book on this node comes / goes. Cross-node presence (with
-its TTLs and the 10 s offline grace of realtime.md guarantee 5) is a later issue.
+device's first / last socket on the book on this node comes / goes.
+
+``delivered_seq`` (``GET /books/{id}/sync_status``) and ``devices.last_active_at`` are written
+for connected devices every ``SYNC_FLUSH_S`` and when a socket closes, in one batch per pass.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
+from relay.pacing import paced
 from relay.protocol import Message, error_frame, request_id_of
+from shared.books import history
+from shared.books.ops import (
+    MAX_OP_ID,
+    BookOps,
+    NotAccepted,
+    book_ops_for,
+    decode_payload,
+    valid_op_id,
+    valid_timestamp,
+)
+from shared.books.writer import channel_of, sequence_key_of
+from shared.broker.envelope import unpack_envelope
 from shared.broker.memory import MemoryBroker
+from shared.clock import now_ms
 from shared.codes import CloseCode, ErrorCode
-from shared.errors import BackendUnavailable
+from shared.errors import BackendUnavailable, StoreError
 
 if TYPE_CHECKING:
     from relay.connection import WsConnection
@@ -47,20 +71,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.relay")
 
 EXTRAS_KEY = "relay.books"
-OP_TYPE = "crdt_operation"
-DEDUPE_TTL_S = 24 * 3600  # realtime.md: "a re-sent op from the same device within 24 hours"
-DEDUPE_MAX_ENTRIES = 200_000  # about 40 MB at worst; the oldest entries go first
-MAX_OP_ID = 128
+OP_TYPE = history.OP_TYPE
+REPLAY_PAGE = 200  # ops per store read during a catch-up or a gap read
+HELD_MAX = 10_000  # live ops held for one socket or one feed; beyond that the store is re-read
+SYNC_FLUSH_S = 5.0
+ACTIVE_EVERY_S = 60.0  # a connected, quiet device's last_active_at is refreshed this often
 
-
-def channel_of(book_id: str) -> str:
-    # The braces are a Redis Cluster hash tag: the channel and its seq counter share one slot,
-    # so the sequenced publish (one script: INCR + SPUBLISH) can run there (shared/broker/redis.py).
-    return f"book:{{{book_id}}}"
-
-
-def sequence_key_of(book_id: str) -> str:
-    return f"bookseq:{{{book_id}}}"
+__all__ = ["BookRelay", "channel_of", "for_state", "sequence_key_of"]
 
 
 def op_error(code: ErrorCode, message: str, op_id: Any) -> Message:
@@ -70,70 +87,14 @@ def op_error(code: ErrorCode, message: str, op_id: Any) -> Message:
     return frame
 
 
-def decode_payload(value: Any) -> bytes | None:
-    """The op's ciphertext: raw bytes (msgpack) or standard base64 (JSON); None when invalid."""
-    if isinstance(value, bytes):
-        return value
-    if not isinstance(value, str):
-        return None
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-
-
-class OpDedupe:
-    """``(book_id, device_id, op_id) -> seq`` for 24 h, bounded, oldest first out.
-
-    An entry holds a future while its op is being published, so the same op arriving twice at
-    once (two sockets of one device) is published once and both get the same seq.
-    """
-
-    __slots__ = ("_entries", "_max", "_ttl")
-
-    def __init__(self, max_entries: int = DEDUPE_MAX_ENTRIES, ttl_s: float = DEDUPE_TTL_S) -> None:
-        self._entries: OrderedDict[tuple[str, str, str], tuple[float, asyncio.Future[int]]] = (
-            OrderedDict()
-        )
-        self._max = max_entries
-        self._ttl = ttl_s
-
-    def claim(self, key: tuple[str, str, str]) -> tuple[asyncio.Future[int], bool]:
-        """The future of ``key``'s seq, and whether the caller must publish (first sighting)."""
-        now = time.monotonic()
-        self._expire(now)
-        found = self._entries.get(key)
-        if found is not None:
-            return found[1], False
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._entries[key] = (now, future)
-        while len(self._entries) > self._max:
-            _, (_, old) = self._entries.popitem(last=False)
-            if not old.done():
-                old.cancel()
-        return future, True
-
-    def forget(self, key: tuple[str, str, str]) -> None:
-        """The op was not accepted (broker down): a re-send must publish it."""
-        self._entries.pop(key, None)
-
-    def _expire(self, now: float) -> None:
-        entries = self._entries
-        while entries:
-            key, (stamp, future) = next(iter(entries.items()))
-            if now - stamp < self._ttl or not future.done():
-                return
-            del entries[key]
-
-
 def run_eagerly(state: RelayState, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
     """Run ``coro`` right now up to its first real suspension; a task only if it suspends.
 
-    With the in-process broker an op's publish never suspends, so a burst of ops is relayed within
-    the ``data_received`` that brought it, without a task per burst (BENCHMARKS.md: task creation
-    was ~5 % of test C). Only for that broker (``BookRelay._eager``): the first step runs outside
-    any task, and code such as ``asyncio.timeout`` (the Redis client) needs one. If it does
-    suspend (a dedupe wait), the rest runs in a task (``state.spawn``) as before.
+    With the in-process broker and no retention an op's publish never suspends, so a burst of
+    ops is relayed within the ``data_received`` that brought it, without a task per burst
+    (BENCHMARKS.md: task creation was ~5 % of test C). Only then (``BookRelay._eager``): the first
+    step runs outside any task, and code such as ``asyncio.timeout`` (the Redis client) needs
+    one. If it does suspend (a dedupe wait), the rest runs in a task (``state.spawn``) as before.
     """
     try:
         first = coro.send(None)
@@ -179,16 +140,33 @@ _STARTING: Any = object()
 
 
 class _Socket:
-    """What the relay keeps per open book socket: its book and its queue of ops to publish."""
+    """What the relay keeps per open book socket."""
 
-    __slots__ = ("book_id", "queue", "worker")
+    __slots__ = ("book_id", "queue", "worker", "pending", "overflow")
 
-    def __init__(self, book_id: str) -> None:
+    def __init__(self, book_id: str, held: bool) -> None:
         self.book_id = book_id
         # Made on the first op and dropped when drained: an empty deque is ~600 bytes, and most
         # sockets are idle most of the time (bench/micro/README.md, memory per socket).
         self.queue: deque[tuple[Any, bytes, int]] | None = None
         self.worker: asyncio.Task[None] | None = None
+        # Live frames kept aside while the socket is set up / catches up (None: live).
+        self.pending: list[Message] | None = [] if held else None
+        self.overflow = False  # pending hit HELD_MAX: the catch-up re-reads the store instead
+
+
+class _Feed:
+    """One book's live ops on this node, put back in seq order (retention on only)."""
+
+    __slots__ = ("book_id", "delivered", "held", "filling", "refill", "held_sockets")
+
+    def __init__(self, book_id: str) -> None:
+        self.book_id = book_id
+        self.delivered: int | None = None  # last seq delivered here; None until the head is read
+        self.held: dict[int, tuple[Message, str | None]] = {}  # early arrivals by seq
+        self.filling: asyncio.Task[None] | None = None
+        self.refill = False  # a gap appeared while a read ran: read again after it
+        self.held_sockets = 0  # local sockets with ``pending`` (not live yet)
 
 
 class BookRelay:
@@ -196,36 +174,96 @@ class BookRelay:
 
     def __init__(self, state: RelayState) -> None:
         self.state = state
+        self.ops: BookOps = book_ops_for(state.services)
+        self.retained = self.ops.retained
         self.sockets: dict[WsConnection, _Socket] = {}
         self.local_devices: dict[tuple[str, str], int] = {}  # (book, device) -> open sockets here
-        self.dedupe = OpDedupe()
-        # The in-process broker delivers within publish(): ops are relayed without a task.
-        self._eager = type(state.services.broker) is MemoryBroker
+        self.feeds: dict[str, _Feed] = {}  # channel -> feed (retention on)
+        self._saved: dict[tuple[str, str], int] = {}  # (book, device) -> delivered_seq written
+        self._closed_seen: dict[tuple[str, str], int] = {}  # to write after the socket closed
+        self._active_at: dict[str, float] = {}  # device -> when last_active_at was last written
+        self._background: list[asyncio.Task[None]] = []
+        self._stopping = False
+        # The in-process broker without retention delivers within publish(): no task per op.
+        self._eager = type(state.services.broker) is MemoryBroker and not self.retained
         state.handlers[OP_TYPE] = self.on_operation
         state.on_close.append(self.on_close)
+        if self.retained:
+            state.hub.routes["book"] = self.on_book_message
+        state.services.closers.append(self.close)
+
+    @property
+    def dedupe(self) -> Any:
+        return self.ops.dedupe
+
+    # -- background -------------------------------------------------------------------------------
+    def _start_background(self) -> None:
+        if self._background or self._stopping:
+            return
+        spawn = asyncio.get_running_loop().create_task
+        settings = self.state.settings
+        self._background = [spawn(self._every(SYNC_FLUSH_S, self.flush_sync), name="book-sync")]
+        if self.retained:
+            self._background += [
+                spawn(self._every(settings.inbox_poll_s, self.poll), name="book-poll"),
+                spawn(self._every(settings.book_prune_interval_s, self.prune), name="book-prune"),
+            ]
+
+    async def _every(self, interval: float, job: Any) -> None:
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a store hiccup must not end the loop
+                log.warning("book relay %s failed: %s", getattr(job, "__name__", job), exc)
+
+    async def close(self) -> None:
+        self._stopping = True
+        for task in self._background:
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
+        for feed in self.feeds.values():
+            if feed.filling is not None:
+                feed.filling.cancel()
+        try:
+            await self.flush_sync(closing=True)
+        except Exception as exc:  # noqa: BLE001 - shutting down: the next connect re-reads
+            log.warning("book sync state not written at shutdown: %s", exc)
 
     # -- socket lifecycle --------------------------------------------------------------------------
-    async def opened(self, conn: WsConnection, book_id: str) -> None:
-        """Right after the 101 (reading still paused): subscribe, ``presence``, then ``synced``.
+    async def opened(self, conn: WsConnection, book_id: str, since: int | None = None) -> None:
+        """Right after the 101 (reading still paused): subscribe, then ``presence`` first.
 
-        ``presence`` goes out in the same loop step as the subscription completes, so it is the
-        first frame: live ops published from then on follow it. ``synced`` reports the head read
-        after subscribing, so an op published while that read is in flight may arrive between
-        ``presence`` and ``synced`` with a seq at or below the head; clients dedupe by seq.
+        The socket is held (live ops kept aside) from before it joins the channel until its
+        catch-up, if any, has been sent: see the module's docstring.
         """
+        self._start_background()
         hub = self.state.hub
         channel = channel_of(book_id)
         device_id = conn.device_id
         assert device_id is not None  # a device principal always names its device
+        socket = _Socket(book_id, held=True)
+        self.sockets[conn] = socket
+        feed = self._feed(channel, book_id) if self.retained else None
+        if feed is not None:
+            feed.held_sockets += 1
         try:
             await hub.subscribe(conn, channel)
-        except BackendUnavailable:
-            self._refuse_late(conn, channel)
+            if not conn.open:  # closed while subscribing: on_close already ran
+                return
+            state = await self._state(book_id)
+        except (BackendUnavailable, StoreError):
+            self._refuse_late(conn)
             return
-        if not conn.open:  # closed while subscribing: on_close ran before we registered it
-            hub.unsubscribe(conn, channel)
+        if not conn.open:
             return
-        self.sockets[conn] = _Socket(book_id)
+        if feed is not None and feed.delivered is None:
+            feed.delivered = state.head
+            self._drain_held(channel, feed)
         online = sorted({c.device_id for c in hub.local_members(channel) if c.open and c.device_id})
         conn.send({"type": "presence", "online": online})
         key = (book_id, device_id)
@@ -233,18 +271,90 @@ class BookRelay:
         self.local_devices[key] = count + 1
         if count == 0:
             self._announce(book_id, device_id, "device.online")
-        try:
-            head = await self._head(book_id)
-        except BackendUnavailable:
-            self._refuse_late(conn, channel)
-            return
-        conn.send({"type": "synced", "seq": head})  # no ?since yet: catch-up is a later issue
+        if since is None:
+            conn.send({"type": "synced", "seq": state.head})
+            self._go_live(conn, socket, state.head, replayed=False)
+        elif not self.retained or since > state.head or since < state.pruned_upto:
+            self._reset(conn, socket, state)
+        elif since == state.head:
+            conn.send({"type": "synced", "seq": state.head})
+            self._go_live(conn, socket, state.head, replayed=True)
+        else:
+            _ = self.state.spawn(self._catch_up(conn, socket, since, state.head))
 
-    def _refuse_late(self, conn: WsConnection, channel: str) -> None:
-        """The broker failed after the 101: close 1013 (try again later, maybe on another node)."""
-        log.warning("relay socket closed: the broker is unavailable")
-        if conn not in self.sockets:
-            self.state.hub.unsubscribe(conn, channel)
+    def _feed(self, channel: str, book_id: str) -> _Feed:
+        feed = self.feeds.get(channel)
+        if feed is None:
+            feed = self.feeds[channel] = _Feed(book_id)
+        return feed
+
+    async def _state(self, book_id: str) -> history.BookState:
+        if self.retained:
+            return await history.state(self.state.services.db, book_id)
+        head = await self.ops.head(book_id)
+        return history.BookState(head, head, head, None, None)
+
+    def _reset(self, conn: WsConnection, socket: _Socket, state: history.BookState) -> None:
+        frame: Message = {"type": "reset", "reason": "history_truncated", "seq": state.head}
+        if state.snapshot_seq is not None:
+            frame["snapshot_seq"] = state.snapshot_seq
+        conn.send(frame)
+        # As on /ws: the catch-up is over (there was nothing to replay), say so the same way.
+        conn.send({"type": "synced", "seq": state.head})
+        self._go_live(conn, socket, state.head, replayed=True)
+
+    async def _catch_up(self, conn: WsConnection, socket: _Socket, since: int, head: int) -> None:
+        """Replay the retained ops after ``since``, then ``synced``, then live."""
+        db = self.state.services.db
+        limit = self.state.settings.ws_outbound_limit_bytes // 2
+        last = since
+        try:
+            while conn.open:
+                while last < head and conn.open:
+                    page = await history.read(db, socket.book_id, last, head, REPLAY_PAGE)
+                    if not page:
+                        break
+                    for frame in page:
+                        conn.send(frame)
+                    last = page[-1]["seq"]
+                    await paced(conn, limit)
+                if not socket.overflow:
+                    break
+                # Live ops overflowed the hold: they are all in the store, read on from there.
+                socket.overflow = False
+                assert socket.pending is not None
+                socket.pending.clear()
+                head = max(head, await history.head(db, socket.book_id))
+        except (BackendUnavailable, StoreError) as exc:
+            log.warning("book catch-up failed: %s", exc)
+            conn.fail(CloseCode.OVERLOADED)  # reconnect (maybe elsewhere) and resume from since
+            return
+        if not conn.open:
+            return
+        head = max(head, last)
+        conn.send({"type": "synced", "seq": head})
+        self._go_live(conn, socket, last, replayed=True)
+
+    def _go_live(self, conn: WsConnection, socket: _Socket, upto: int, *, replayed: bool) -> None:
+        """Send the live frames held for the socket (after ``upto`` if it replayed), go live."""
+        pending = socket.pending
+        if pending is None:
+            return
+        socket.pending = None
+        feed = self.feeds.get(channel_of(socket.book_id))
+        if feed is not None:
+            feed.held_sockets -= 1
+        for frame in pending:
+            seq = frame.get("seq")
+            if replayed and seq is not None and seq <= upto:
+                continue
+            conn.send(frame)
+        if conn.device_id is not None:
+            self._seen(socket.book_id, conn.device_id, upto)
+
+    def _refuse_late(self, conn: WsConnection) -> None:
+        """The broker or store failed after the 101: close 1013 (try again, maybe elsewhere)."""
+        log.warning("relay socket closed: the broker or the store is unavailable")
         conn.fail(CloseCode.OVERLOADED)
 
     def on_close(self, conn: WsConnection) -> None:
@@ -253,7 +363,19 @@ class BookRelay:
             return
         if socket.worker is not None and socket.worker is not _STARTING:
             socket.worker.cancel()  # unacknowledged ops are the client's to re-send
-        self.state.hub.unsubscribe(conn, channel_of(socket.book_id))
+        channel = channel_of(socket.book_id)
+        hub = self.state.hub
+        hub.unsubscribe(conn, channel)
+        feed = self.feeds.get(channel)
+        if feed is not None:
+            if socket.pending is not None:
+                feed.held_sockets -= 1
+            elif conn.device_id is not None and feed.delivered is not None:
+                self._closed_seen[(socket.book_id, conn.device_id)] = feed.delivered
+            if not hub.local_members(channel):
+                if feed.filling is not None:
+                    feed.filling.cancel()
+                del self.feeds[channel]
         device_id = conn.device_id
         assert device_id is not None
         key = (socket.book_id, device_id)
@@ -274,10 +396,192 @@ class BookRelay:
         except BackendUnavailable:
             log.warning("presence change not published: the broker is unavailable")
 
-    async def _head(self, book_id: str) -> int:
-        """The book's current seq (the broker's counter): what ``synced`` reports."""
-        head: int = await self.state.hub.sequence_head(sequence_key_of(book_id))
-        return head
+    # -- live delivery in seq order (retention on) ---------------------------------------------------
+    def on_book_message(self, channel: str, members: Any, data: bytes) -> None:
+        """A hub route: the broker's message for ``book:...``, delivered in seq order."""
+        try:
+            message, exclude, seq = unpack_envelope(data)
+        except Exception:  # noqa: BLE001 - whatever a broken publisher sent, drop it loudly
+            log.error("dropped a malformed broker message on a book channel")
+            return
+        feed = self.feeds.get(channel)
+        if feed is None:
+            return
+        if seq is None:  # presence changes: not part of the book's order
+            self._deliver(channel, feed, message, exclude)
+            return
+        delivered = feed.delivered
+        if delivered is not None and seq <= delivered:
+            return  # delivered already (a gap read got there first)
+        if delivered is None or seq > delivered + 1:
+            if len(feed.held) < HELD_MAX:
+                feed.held[seq] = (message, exclude)
+            if delivered is not None:
+                self._fill(channel, feed)
+            return
+        self._deliver(channel, feed, message, exclude)
+        feed.delivered = seq
+        if feed.held:
+            self._drain_held(channel, feed)
+
+    def _deliver(self, channel: str, feed: _Feed, message: Message, exclude: str | None) -> None:
+        hub = self.state.hub
+        if not feed.held_sockets:
+            hub.broadcast(channel, message, exclude)
+            return
+        live: dict[WsConnection, None] = {}
+        for conn in hub.local_members(channel):
+            socket = self.sockets.get(conn)
+            if socket is None or socket.pending is None:
+                live[conn] = None
+            elif conn.device_id != exclude:
+                if len(socket.pending) < HELD_MAX:
+                    socket.pending.append(message)
+                else:
+                    socket.overflow = True
+        hub.broadcast_to(channel, live, message, exclude)
+
+    def _drain_held(self, channel: str, feed: _Feed) -> None:
+        """Deliver the early arrivals that are next in line; read the gap if one remains."""
+        held = feed.held
+        assert feed.delivered is not None
+        for seq in [s for s in held if s <= feed.delivered]:
+            del held[seq]
+        while held:
+            nxt = feed.delivered + 1
+            entry = held.pop(nxt, None)
+            if entry is None:
+                self._fill(channel, feed)
+                return
+            self._deliver(channel, feed, entry[0], entry[1])
+            feed.delivered = nxt
+
+    def _fill(self, channel: str, feed: _Feed, upto: int | None = None) -> None:
+        if feed.filling is not None:
+            feed.refill = True
+            return
+        feed.filling = self.state.spawn(self._fill_gap(channel, feed, upto))
+
+    async def _fill_gap(self, channel: str, feed: _Feed, upto: int | None) -> None:
+        """Read from the store what this node missed below the first held op (or up to
+        ``upto``, the head a poll saw), deliver it in order, then the held ops after it."""
+        db = self.state.services.db
+        try:
+            while True:
+                feed.refill = False
+                assert feed.delivered is not None
+                target = min(feed.held) - 1 if feed.held else upto
+                if target is None or target <= feed.delivered:
+                    break
+                page = await history.read(db, feed.book_id, feed.delivered, target, REPLAY_PAGE)
+                if self.feeds.get(channel) is not feed:
+                    return  # the last local socket left meanwhile
+                for frame in page:
+                    if frame["seq"] > feed.delivered:
+                        self._deliver(channel, feed, frame, frame["device_id"])
+                        feed.delivered = frame["seq"]
+                if len(page) < REPLAY_PAGE:
+                    # Everything committed below the target is read: the rest was pruned.
+                    feed.delivered = max(feed.delivered, target)
+                    upto = None
+                feed.filling = None  # _drain_held may need a new read
+                self._drain_held(channel, feed)
+                if feed.filling is not None or not (feed.refill or feed.held):
+                    return
+                feed.filling = asyncio.current_task()  # type: ignore[assignment]
+        except (BackendUnavailable, StoreError) as exc:
+            log.warning("book gap read failed (the poll retries): %s", exc)
+        finally:
+            if feed.filling is asyncio.current_task():
+                feed.filling = None
+
+    async def poll(self) -> None:
+        """Read what the store holds beyond what each feed delivered (a publish was lost)."""
+        feeds = {f.book_id: (c, f) for c, f in self.feeds.items() if f.delivered is not None}
+        if not feeds:
+            return
+        db = self.state.services.db
+        ids = list(feeds)
+        for i in range(0, len(ids), 400):
+            chunk = ids[i : i + 400]
+            marks = ", ".join(f"${n}" for n in range(1, len(chunk) + 1))
+            rows = await db.fetch(
+                f"SELECT book_id, head FROM book_heads WHERE book_id IN ({marks})", *chunk
+            )
+            for row in rows:
+                channel, feed = feeds[row["book_id"]]
+                head = int(row["head"])
+                if (
+                    self.feeds.get(channel) is feed
+                    and feed.delivered is not None
+                    and head > feed.delivered
+                    and feed.filling is None
+                ):
+                    self._fill(channel, feed, upto=head)
+
+    async def prune(self) -> None:
+        retention = self.ops.retention
+        dropped = await history.prune(
+            self.state.services.db,
+            now_ms=now_ms(),
+            max_age_s=retention.max_age_s,
+            max_bytes=retention.max_bytes,
+        )
+        if dropped:
+            log.info("book history pruned %d ops", dropped)
+
+    # -- delivered_seq / last_active_at --------------------------------------------------------------
+    def _seen(self, book_id: str, device_id: str, seq: int) -> None:
+        key = (book_id, device_id)
+        if seq > self._closed_seen.get(key, -1):
+            self._closed_seen[key] = seq
+
+    async def flush_sync(self, closing: bool = False) -> None:
+        """Write ``delivered_seq`` of the devices served since the last pass, in one batch."""
+        seen = self._closed_seen
+        self._closed_seen = {}
+        for conn, socket in self.sockets.items():
+            if socket.pending is not None or conn.device_id is None:
+                continue
+            if self.retained:
+                feed = self.feeds.get(channel_of(socket.book_id))
+                seq = feed.delivered if feed is not None else None
+            else:
+                seq = None
+            key = (socket.book_id, conn.device_id)
+            value = seq if seq is not None else self._saved.get(key, 0)
+            if value >= seen.get(key, -1):
+                seen[key] = value
+        rows = [(b, d, s) for (b, d), s in seen.items() if self._saved.get((b, d)) != s or closing]
+        # last_active_at: devices with something new, and connected ones once a minute.
+        mono = time.monotonic()
+        active = {d for (_, d, _) in rows}
+        active.update(d for (_, d) in seen if mono - self._active_at.get(d, 0.0) >= ACTIVE_EVERY_S)
+        if not rows and not active:
+            return
+        now = now_ms()
+        db = self.state.services.db
+        async with db.transaction() as tx:
+            if rows:
+                await tx.executemany(
+                    "INSERT INTO book_device_sync (book_id, device_id, delivered_seq, updated_at)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT (book_id, device_id) DO UPDATE SET"
+                    " delivered_seq = CASE WHEN excluded.delivered_seq > book_device_sync.delivered_seq"
+                    " THEN excluded.delivered_seq ELSE book_device_sync.delivered_seq END,"
+                    " updated_at = excluded.updated_at",
+                    [(b, d, s, now) for b, d, s in rows],
+                )
+            await tx.executemany(
+                "UPDATE devices SET last_active_at = $2 WHERE id = $1",
+                [(d, now) for d in sorted(active)],
+            )
+        for b, d, s in rows:
+            self._saved[(b, d)] = s
+        for d in active:
+            self._active_at[d] = mono
+        if len(self._saved) > 100_000:  # caches of what was written; losing them costs a re-write
+            self._saved.clear()
+            self._active_at.clear()
 
     # -- ops -------------------------------------------------------------------------------------
     def on_operation(self, conn: WsConnection, message: Message) -> None:
@@ -290,7 +594,7 @@ class BookRelay:
             )
             return None
         op_id = message.get("id")
-        if op_id is not None and (not isinstance(op_id, str) or not 0 < len(op_id) <= MAX_OP_ID):
+        if not valid_op_id(op_id):
             conn.send(
                 op_error(
                     ErrorCode.VALIDATION_ERROR,
@@ -308,7 +612,7 @@ class BookRelay:
             )
             return None
         timestamp = message.get("timestamp")
-        if isinstance(timestamp, bool) or not isinstance(timestamp, int) or timestamp < 0:
+        if not valid_timestamp(timestamp):
             conn.send(
                 op_error(
                     ErrorCode.VALIDATION_ERROR, "'timestamp' must be unix seconds (integer)", op_id
@@ -333,7 +637,7 @@ class BookRelay:
         return None
 
     async def _drain(self, conn: WsConnection, socket: _Socket) -> None:
-        """Publish the socket's ops in arrival order (per-sender order across nodes)."""
+        """Accept the socket's ops in arrival order (per-sender order across nodes)."""
         queue = socket.queue
         assert queue is not None
         try:
@@ -348,67 +652,23 @@ class BookRelay:
     async def _relay(
         self, conn: WsConnection, book_id: str, op_id: Any, payload: bytes, timestamp: int
     ) -> None:
-        if op_id is None:  # "without one, every frame is a new op"
-            seq = await self._publish(conn, book_id, op_id, payload, timestamp)
-        else:
-            seq = await self._publish_once(conn, book_id, op_id, payload, timestamp)
-        if seq is not None:
-            conn.send({"type": "ack", "id": op_id, "seq": seq})
-
-    async def _publish_once(
-        self, conn: WsConnection, book_id: str, op_id: str, payload: bytes, timestamp: int
-    ) -> int | None:
-        """Publish unless this device already sent ``op_id`` to this book: then its first seq."""
-        assert conn.device_id is not None
-        key = (book_id, conn.device_id, op_id)
-        future, first = self.dedupe.claim(key)
-        if not first:
-            try:
-                return await asyncio.shield(future)
-            except asyncio.CancelledError:
-                if not future.cancelled():
-                    raise  # this task was cancelled, not the first attempt
-                conn.send(
-                    op_error(ErrorCode.SERVICE_UNAVAILABLE, "op not accepted; re-send it", op_id)
-                )
-                return None
-        seq: int | None = None
-        try:
-            seq = await self._publish(conn, book_id, op_id, payload, timestamp)
-        finally:  # also when the socket closed mid-publish: never leave a re-send waiting
-            if seq is None:
-                self.dedupe.forget(key)
-                future.cancel()
-            else:
-                future.set_result(seq)
-        return seq
-
-    async def _publish(
-        self, conn: WsConnection, book_id: str, op_id: Any, payload: bytes, timestamp: int
-    ) -> int | None:
-        """The op's seq, or None after telling the sender it was not accepted."""
         device_id = conn.device_id
-        op = {
-            "type": OP_TYPE,
-            "payload": payload,
-            "timestamp": timestamp,
-            "device_id": device_id,
-            "relay_timestamp": int(time.time()),
-        }
+        assert device_id is not None
         try:
-            seq = await self.state.hub.publish(
-                channel_of(book_id),
-                op,
-                exclude_device=device_id,
-                sequence_key=sequence_key_of(book_id),
-            )
-        except BackendUnavailable:
+            seq = await self.ops.submit(book_id, device_id, op_id, payload, timestamp)
+        except NotAccepted:
+            conn.send(op_error(ErrorCode.SERVICE_UNAVAILABLE, "op not accepted; re-send it", op_id))
+            return
+        except (BackendUnavailable, StoreError):
             conn.send(
-                op_error(ErrorCode.SERVICE_UNAVAILABLE, "broker unavailable; re-send the op", op_id)
+                op_error(
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    "store or broker unavailable; re-send the op",
+                    op_id,
+                )
             )
-            return None
-        assert seq is not None  # a sequenced publish always returns its seq
-        return int(seq)
+            return
+        conn.send({"type": "ack", "id": op_id, "seq": seq})
 
 
 def for_state(state: RelayState) -> BookRelay:

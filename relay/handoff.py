@@ -171,7 +171,7 @@ class HeadReader(asyncio.Protocol):
         conn.start()
         if accepted.book_id is not None:
             # Subscribed before ``presence``, its first frame (realtime.md "Handshake").
-            await book_relay.for_state(self._state).opened(conn, accepted.book_id)
+            await book_relay.for_state(self._state).opened(conn, accepted.book_id, accepted.since)
         else:
             # Subscribed to the inbox before ``hello``; catch-up follows it (relay.inbox).
             await inbox.for_state(self._state).opened(conn)

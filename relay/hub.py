@@ -36,7 +36,6 @@ channel at a time issues those calls, so a leave racing a join can never end uns
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import zlib
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 from websockets.protocol import OPEN
 
+from relay.protocol import json_default
 from shared.broker import Broker
 from shared.broker.envelope import pack_envelope, unpack_envelope
 
@@ -56,13 +56,6 @@ log = logging.getLogger("switchboard.hub")
 
 Message = dict[str, Any]
 Route = Callable[[str, Collection["WsConnection"], bytes], None]
-
-
-def _json_default(value: Any) -> Any:
-    # bytes values (ciphertext payloads) travel as standard base64 in JSON, raw bytes in msgpack.
-    if isinstance(value, bytes | bytearray | memoryview):
-        return base64.b64encode(value).decode("ascii")
-    raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 def frame_bytes(payload: bytes, *, binary: bool) -> bytes:
@@ -82,7 +75,7 @@ def encode_frame(message: Message, *, binary: bool) -> bytes:
     if binary:
         packed: bytes = msgpack.packb(message, use_bin_type=True)
         return frame_bytes(packed, binary=True)
-    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=json_default)
     return frame_bytes(text.encode(), binary=False)
 
 
@@ -343,6 +336,29 @@ class Hub:
         members = self._shard(channel).get(channel)
         if members:
             self._queue(channel, members, message, exclude)
+
+    def broadcast_to(
+        self,
+        channel: str,
+        members: dict[WsConnection, None],
+        message: Message,
+        exclude: str | None = None,
+    ) -> None:
+        """``broadcast`` to some of the channel's members only (the book relay holds back the
+        sockets still catching up). ``members`` must be a subset of the channel's.
+
+        A tick's batch holds one member dict, so the channel's pending batch is written first and
+        this one at once: no coalescing for the channel while a subset is in use (rare, short).
+        """
+        if not members:
+            return
+        pending = self._batches.get(channel)
+        if pending is not None:
+            self._flush_channel(channel, pending)
+        self._queue(channel, members, message, exclude)
+        batch = self._batches.get(channel)
+        if batch is not None:
+            self._flush_channel(channel, batch)
 
     def _queue(
         self, channel: str, members: dict[WsConnection, None], message: Message, exclude: str | None

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay.hub import encode_frame, frame_bytes
 from relay.inbox_core import Decision, InboxCursor
+from relay.pacing import paced
 from relay.protocol import Message, error_frame, hello_frame, request_id_of
 from relay.requests import error_reply, ok_reply
 from shared import idempotency, metrics
@@ -61,7 +62,6 @@ log = logging.getLogger("switchboard.inbox")
 EXTRAS_KEY = "relay.inbox"
 PRUNE_EVERY_S = 60.0
 DELIVERED_MAX = 100_000  # publish delivery times held between two flushes (statistics only)
-_PACING_WAIT_S = 0.005
 
 
 def _wire_frame(entry: Entry, binary: bool) -> bytes:
@@ -352,7 +352,7 @@ class InboxDelivery:
                 break
             self._send_entries(reader, cursor.replayed(page, now_ms()))
             pos = page[-1].cursor
-            await self._paced(conn)
+            await paced(conn, self.settings.ws_outbound_limit_bytes // 2)
         decision = cursor.end_replay(head, now_ms())
         if synced and conn.open:
             conn.send({"type": "synced", "cursor": cursor.scanned})
@@ -367,13 +367,6 @@ class InboxDelivery:
                 self.state.services.db, reader.user_id, device_id, head, now_ms()
             )
             reader.saved = head
-
-    async def _paced(self, conn: WsConnection) -> None:
-        """Let the socket's write buffer drain below half the bound before the next page."""
-        limit = self.settings.ws_outbound_limit_bytes // 2
-        transport = conn.transport
-        while conn.open and transport.get_write_buffer_size() > limit:
-            await asyncio.sleep(_PACING_WAIT_S)
 
     # -- re-sends -----------------------------------------------------------------------------
     def _arm(self, reader: _Reader) -> None:

@@ -10,6 +10,7 @@ JSON object per text frame; with ``switchboard.v1.msgpack``, one MessagePack map
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Sequence
@@ -65,6 +66,13 @@ def request_id_of(message: Any) -> Any:
     return None
 
 
+def json_default(value: Any) -> Any:
+    # bytes values (ciphertext payloads) travel as standard base64 in JSON, raw bytes in msgpack.
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
 class Codec:
     """One wire format. ``binary`` says which frame type carries it."""
 
@@ -77,7 +85,9 @@ class Codec:
     def encode(self, message: Message) -> bytes:
         if self.binary:
             return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
-        return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(
+            message, separators=(",", ":"), ensure_ascii=False, default=json_default
+        ).encode()
 
     def decode(self, data: bytes) -> Message:
         """Decode one frame's payload. Text frames' UTF-8 is checked by the caller (close 1007)."""

@@ -42,6 +42,7 @@ class Accepted:
     device_id: str | None
     codec: Codec
     book_id: str | None = None  # set on /ws/relay/{book_id}
+    since: int | None = None  # /ws/relay/{book_id}?since=<seq>: catch up after that seq
 
 
 def credential_of(head: RequestHead) -> str | None:
@@ -64,8 +65,10 @@ async def negotiate(state: RelayState, head: RequestHead, data: bytes) -> Accept
     if allowed and origin is not None and origin not in allowed:
         raise ApiError(ErrorCode.FORBIDDEN, "origin not allowed")
     book_id: str | None = None
+    since: int | None = None
     if relay is not None:
         book_id = relay.group(1)
+        since = _since_of(head)
         principal = await _admit_relay(state, head, book_id)
         device_id = principal.device_id
     else:
@@ -96,7 +99,18 @@ async def negotiate(state: RelayState, head: RequestHead, data: bytes) -> Accept
         device_id,
         codec_for(subprotocol),
         book_id,
+        since,
     )
+
+
+def _since_of(head: RequestHead) -> int | None:
+    """``?since=<seq>``: a non-negative integer (checked before the credential costs anything)."""
+    value = head.query_param("since")
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise validation_error("since", "must be a non-negative integer (the last seq you have)")
+    return int(value)
 
 
 async def _admit_ws(state: RelayState, head: RequestHead) -> tuple[Principal, str | None]:
