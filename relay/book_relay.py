@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay.pacing import paced
 from relay.protocol import Message, error_frame, request_id_of
-from shared.books import history
+from shared.books import history, is_member
 from shared.books.ops import (
     MAX_OP_ID,
     BookOps,
@@ -255,11 +255,17 @@ class BookRelay:
             await hub.subscribe(conn, channel)
             if not conn.open:  # closed while subscribing: on_close already ran
                 return
-            state = await self._state(book_id)
+            state = await self._state(book_id, device_id)
         except (BackendUnavailable, StoreError):
             self._refuse_late(conn)
             return
         if not conn.open:
+            return
+        if not state.member:
+            # Removed between the upgrade's check and the subscription: the removal notice may
+            # have found no socket to close, so this socket closes itself (realtime.md).
+            conn.send({"type": "device.removed"})
+            conn.close(CloseCode.POLICY, "device removed from the book")
             return
         if feed is not None and feed.delivered is None:
             feed.delivered = state.head
@@ -288,11 +294,13 @@ class BookRelay:
             feed = self.feeds[channel] = _Feed(book_id)
         return feed
 
-    async def _state(self, book_id: str) -> history.BookState:
+    async def _state(self, book_id: str, device_id: str) -> history.BookState:
+        db = self.state.services.db
         if self.retained:
-            return await history.state(self.state.services.db, book_id)
+            return await history.state(db, book_id, member=device_id)
         head = await self.ops.head(book_id)
-        return history.BookState(head, head, head, None, None)
+        member = await is_member(db, book_id, device_id)
+        return history.BookState(head, head, head, None, None, member)
 
     def _reset(self, conn: WsConnection, socket: _Socket, state: history.BookState) -> None:
         frame: Message = {"type": "reset", "reason": "history_truncated", "seq": state.head}

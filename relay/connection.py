@@ -62,6 +62,9 @@ if TYPE_CHECKING:
     from relay.state import RelayState
 
 log = logging.getLogger("switchboard.relay")
+# websockets' DEBUG lines carry request paths (book ids) and frames (ciphertext); even at
+# LOG_LEVEL=DEBUG they stay off, as aiosqlite's statements do (shared/store/sqlite.py).
+logging.getLogger("websockets").setLevel(logging.INFO)
 
 # Time the peer gets to answer our close frame before the TCP connection is aborted. websockets
 # uses 10 s; ours is shorter because SIGTERM drain must finish within SHUTDOWN_TIMEOUT_S.

@@ -84,6 +84,15 @@ class CredentialWatch:
 
     def _expired(self, conn: WsConnection) -> None:
         self._timers.pop(conn, None)
+        exp = conn.principal.exp
+        remaining = exp - time.time() if exp is not None else 0.0
+        if remaining > 0:
+            # The loop runs a timer up to its clock resolution early (uvloop: ~1 ms), and the
+            # wall clock may have been stepped: never close a credential that is still valid.
+            self._timers[conn] = asyncio.get_running_loop().call_later(
+                remaining, self._expired, conn
+            )
+            return
         conn.close(CloseCode.TOKEN_EXPIRED)
 
     async def on_refresh(self, conn: WsConnection, message: Message) -> None:

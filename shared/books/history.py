@@ -41,6 +41,7 @@ class BookState:
     ops_total: int
     last_op_at: int | None  # unix ms
     snapshot_seq: int | None
+    member: bool = True  # the device asked about (``state(..., member=)``) is a current member
 
 
 def op_frame(
@@ -165,23 +166,28 @@ async def _raise_head(
     return int(row["head"]), int(row["retained_bytes"])
 
 
-async def state(db: Executor, book_id: str) -> BookState:
+async def state(db: Executor, book_id: str, member: str | None = None) -> BookState:
+    """The book's counters; with ``member``, also whether that device is a current member
+    (the relay re-checks it once a socket is subscribed: a removal racing the upgrade)."""
     row = await db.fetchrow(
-        "SELECT h.head, h.pruned_upto, h.ops_total, h.last_op_at, s.seq AS snapshot_seq"
-        " FROM books b LEFT JOIN book_heads h ON h.book_id = b.id"
-        " LEFT JOIN book_snapshots s ON s.book_id = b.id WHERE b.id = $1",
+        "SELECT h.head, h.pruned_upto, h.ops_total, h.last_op_at, s.seq AS snapshot_seq,"
+        " m.device_id AS member FROM books b LEFT JOIN book_heads h ON h.book_id = b.id"
+        " LEFT JOIN book_snapshots s ON s.book_id = b.id"
+        " LEFT JOIN book_members m ON m.book_id = b.id AND m.device_id = $2 AND m.removed_at IS NULL"
+        " WHERE b.id = $1",
         book_id,
+        member or "",
     )
-    if row is None or row["head"] is None:
-        snap = row["snapshot_seq"] if row is not None else None
-        return BookState(0, 0, 0, None, int(snap) if snap is not None else None)
+    if row is None:
+        return BookState(0, 0, 0, None, None, False)
     snap = row["snapshot_seq"]
     return BookState(
-        int(row["head"]),
-        int(row["pruned_upto"]),
-        int(row["ops_total"]),
+        int(row["head"] or 0),
+        int(row["pruned_upto"] or 0),
+        int(row["ops_total"] or 0),
         int(row["last_op_at"]) if row["last_op_at"] is not None else None,
         int(snap) if snap is not None else None,
+        row["member"] is not None,
     )
 
 

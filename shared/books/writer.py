@@ -22,19 +22,23 @@ from shared.books.retention import Retention
 from shared.broker import Broker
 from shared.broker.envelope import pack_envelope
 from shared.group_commit import GroupCommit
+from shared.secrets import hash_id
 from shared.store.base import Database, Executor
 
 log = logging.getLogger("switchboard.relay")
+
+BOOK_DIGEST = 32  # hex digits (128 bits) of a book id's SHA-256 in its channel name: no collisions
 
 
 def channel_of(book_id: str) -> str:
     # The braces are a Redis Cluster hash tag: the channel and its seq counter share one slot,
     # so the sequenced publish (one script: INCR + SPUBLISH) can run there (shared/broker/redis.py).
-    return f"book:{{{book_id}}}"
+    # A digest, not the id: Redis (channel names, MONITOR, key listings) never sees a book id.
+    return f"book:{{{hash_id(book_id, BOOK_DIGEST)}}}"
 
 
 def sequence_key_of(book_id: str) -> str:
-    return f"bookseq:{{{book_id}}}"
+    return f"bookseq:{{{hash_id(book_id, BOOK_DIGEST)}}}"
 
 
 class BookWriter(GroupCommit[NewOp, Appended]):
