@@ -7,7 +7,10 @@ session and user indexes.
 A ``book_device`` notice (a device removed from a book) is found through the device index and
 kept to the sockets of that book: the relay's own record of the socket's book, or, while the
 socket is still subscribing (not yet recorded), the book its token is bound to. Those sockets get
-``{"type": "device.removed"}`` and then the 1008 close (realtime.md "Book relay").
+``{"type": "device.removed"}`` and then the 1008 close (realtime.md "Book relay"). A socket of
+an unbound token whose notice arrives in that short window (one subscribe round trip), or before
+the socket is registered at all, is not found here; closing that gap needs the relay to re-check
+membership once subscribed.
 """
 
 from __future__ import annotations

@@ -375,7 +375,7 @@ async def test_a_socket_still_subscribing_is_matched_by_its_token_s_binding(
     """Between the 101 and the relay recording a socket's book (its subscription), the token's
     binding names the book, so a bound socket is closed even then. The in-process broker delivers
     the notice within the announce, so the window is held open here by hiding the relay's records
-    for that one call. (An unbound token's socket in that window is not found: README.)"""
+    for that one call. (An unbound token's socket in that window is not found: relay/revocation.py.)"""
     server = await server_factory(make_settings())
     lost, keeper = await devices(server, 2)
     book = await insert_book(server.services.db, lost, keeper)
