@@ -8,7 +8,10 @@ JSON object naming what died:
 * ``{"session": id}``: one login session, and the access JWTs carrying it (logout, refresh reuse,
   DELETE /auth/sessions/{id});
 * ``{"user_sessions": user_id, "keep": session_id | null}``: every session of a user but one
-  (password change keeps the caller's, password reset keeps none).
+  (password change keeps the caller's, password reset keeps none);
+* ``{"book_device": [book_id, device_id]}``: a device removed from a book (DELETE
+  /books/{book_id}/devices/{device_id}): its ``/ws/relay/{book_id}`` sockets get
+  ``{"type": "device.removed"}``, then close 1008; its sockets on other books stay open.
 
 The notice goes out after the revocation committed. If the broker is down it is logged and lost;
 the sockets then live on until their credential's next check (refresh or expiry), which is why
@@ -60,9 +63,14 @@ async def user_sessions_revoked(services: Services, user_id: str, keep: str | No
     await announce(services, [{"user_sessions": user_id, "keep": keep}])
 
 
+async def book_device_removed(services: Services, book_id: str, device_id: str) -> None:
+    await announce(services, [{"book_device": [book_id, device_id]}])
+
+
 __all__ = [
     "REVOKE_CHANNEL",
     "announce",
+    "book_device_removed",
     "session_revoked",
     "tokens_revoked",
     "user_sessions_revoked",
