@@ -293,8 +293,19 @@ class RedisWatch:
                 if self.prefix in line:  # other tests share this Redis
                     self.commands.append(parse_monitor_line(line))
 
+    def missing(self, payloads: Iterable[bytes]) -> list[str]:
+        """Which of ``payloads`` the pub/sub capture or the MONITOR stream has not seen (yet)."""
+        published = b"".join(body for _, body in self.messages)
+        monitored = [arg for command in self.commands for arg in command]
+        out = []
+        for payload in payloads:
+            if payload not in published:
+                out.append(f"pub/sub lacks {payload[:8].hex()}")
+            if not any(payload in arg for arg in monitored):
+                out.append(f"MONITOR lacks {payload[:8].hex()}")
+        return out
+
     async def stop(self) -> None:
-        await asyncio.sleep(0.2)  # what was published last reaches the subscriber
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -449,6 +460,13 @@ async def test_three_devices_converge_and_the_server_side_holds_no_plaintext(
             await d.close()
         await node1.close()  # their last log lines (offline, drain) are scanned too
         await node2.close()
+        # The captures are live: each ciphertext the devices sent went through both (read
+        # asynchronously, so wait for the last ones).
+        sent = [p for d in devices for p in d.sent]
+        try:
+            await wait_for(lambda: not watch.missing(sent), timeout=10)
+        except AssertionError:
+            raise AssertionError(f"Redis captures incomplete: {watch.missing(sent)}") from None
     finally:
         for d in devices:
             await d.close()
@@ -499,12 +517,6 @@ async def test_three_devices_converge_and_the_server_side_holds_no_plaintext(
     for channel, body in watch.messages:
         findings += needles.check(f"pub/sub channel {channel!r}", channel, ids=True)
         findings += needles.check(f"pub/sub message on {channel!r}", body, ids=True, skip_ids=device_labels)
-    published = b"".join(body for _, body in watch.messages)
-    monitored = [arg for command in watch.commands for arg in command]
-    for d in devices:
-        for payload in d.sent:  # the captures are live: each ciphertext went through them
-            assert payload in published, f"{d.name}'s op not seen in pub/sub"
-            assert any(payload in arg for arg in monitored), f"{d.name}'s op not seen by MONITOR"
     for command in watch.commands:
         for arg in command:
             findings += needles.check(f"redis command {command[0]!r}", arg, ids=False)
