@@ -11,8 +11,10 @@ Once the three documents converge, everything the server side holds or said is s
 * every Redis key (names everywhere, values under the test's prefix, all types), every pub/sub
   message on the prefix (PSUBSCRIBE while the test runs) and every command Redis was sent for the
   prefix (MONITOR: scripts' arguments, ``PUBLISH`` bodies, limiter keys);
-* every log record at DEBUG (any logger but the devices' own client sockets), formatted the way
-  ``shared.logs.JsonFormatter`` writes it, and the process's stdout/stderr.
+* every log record at DEBUG (any logger but the devices' own client sockets) as the JSON handler
+  writes it (after ``RedactingFilter``) and as it reached the logger, and the process's
+  stdout/stderr; there no op payload may appear either (bodies are never logged), not even its
+  first 12 bytes.
 
 What must never appear, in raw bytes or after decoding any base64/base64url/hex run in them: the
 plaintext marker and the raw book key. What must never appear in logs, audit entries or Redis key
