@@ -332,7 +332,7 @@ async def test_an_op_whose_publish_was_lost_is_delivered_from_the_store_in_order
     # Commit seq 2 without publishing it (a node killed between its commit and its publish).
     db = node.services.db
     async with db.transaction() as tx:
-        await history.append_batch(tx, [NewOp(book, a_key.device_id or "", None, b"lost", 1, 1)], 0)
+        await history.append_batch(tx, db.dialect, [NewOp(book, a_key.device_id or "", None, b"lost", 1, 1)], 0)
     await a.op(b"three")  # seq 3 reveals the gap: seq 2 is read from the store first
     while len(b.ops()) < 3:
         await b.recv()
@@ -340,7 +340,7 @@ async def test_an_op_whose_publish_was_lost_is_delivered_from_the_store_in_order
     assert payloads(b.ops()) == ["one", "lost", "three"]
     # And with no later op to reveal it, the poll finds it.
     async with db.transaction() as tx:
-        await history.append_batch(tx, [NewOp(book, a_key.device_id or "", None, b"quiet", 1, 1)], 0)
+        await history.append_batch(tx, db.dialect, [NewOp(book, a_key.device_id or "", None, b"quiet", 1, 1)], 0)
     await book_relay.for_state(node.state).poll()
     frame = await until_type(b, "crdt_operation")
     assert frame["seq"] == 4 and base64.b64decode(frame["payload"]) == b"quiet"

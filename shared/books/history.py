@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared.store.base import Database, Executor
+from shared.store.base import Database, Dialect, Executor
 
 OP_TYPE = "crdt_operation"
 
@@ -90,26 +90,93 @@ async def _known_op_ids(
     return found
 
 
+_PG_KNOWN = """
+SELECT o.book_id, o.device_id, o.op_id, o.seq FROM book_ops o
+JOIN unnest($1::text[], $2::text[], $3::text[]) AS t(b, d, i)
+  ON o.book_id = t.b AND o.device_id = t.d AND o.op_id = t.i
+"""
+_PG_HEADS = """
+INSERT INTO book_heads AS h (book_id, head, ops_total, retained_bytes, last_op_at)
+SELECT b, n, n, s, $4 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(b, n, s) ORDER BY b
+ON CONFLICT (book_id) DO UPDATE SET head = h.head + EXCLUDED.head,
+  ops_total = h.ops_total + EXCLUDED.head,
+  retained_bytes = h.retained_bytes + EXCLUDED.retained_bytes, last_op_at = EXCLUDED.last_op_at
+RETURNING book_id, head, retained_bytes
+"""
+_PG_INSERT = """
+INSERT INTO book_ops (book_id, seq, device_id, op_id, payload, client_ts, relay_ts, created_at)
+SELECT b, q, d, i, p, c, r, $8 FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[],
+  $5::bytea[], $6::bigint[], $7::bigint[]) AS t(b, q, d, i, p, c, r)
+"""
+
+
+async def _known(
+    tx: Executor, dialect: Dialect, keys: Sequence[tuple[str, str, str]]
+) -> dict[tuple[str, str, str], int]:
+    """The seqs of the op ids among ``keys`` (book, device, op id) that are already retained."""
+    if not keys:
+        return {}
+    if dialect == "postgresql":
+        rows = await tx.fetch(
+            _PG_KNOWN, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
+        )
+        return {(r["book_id"], r["device_id"], r["op_id"]): int(r["seq"]) for r in rows}
+    found: dict[tuple[str, str, str], int] = {}
+    by_sender: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for book_id, device_id, op_id in keys:
+        by_sender[(book_id, device_id)].append(op_id)
+    for (book_id, device_id), op_ids in by_sender.items():
+        for n in range(0, len(op_ids), _IN_CHUNK):
+            chunk = op_ids[n : n + _IN_CHUNK]
+            marks = ", ".join(f"${m}" for m in range(3, len(chunk) + 3))
+            for r in await tx.fetch(
+                "SELECT op_id, seq FROM book_ops WHERE book_id = $1 AND device_id = $2"
+                f" AND op_id IN ({marks})",
+                book_id,
+                device_id,
+                *chunk,
+            ):
+                found[(book_id, device_id, r["op_id"])] = int(r["seq"])
+    return found
+
+
+async def _raise_heads(
+    tx: Executor, dialect: Dialect, counts: dict[str, tuple[int, int]], now: int
+) -> dict[str, tuple[int, int]]:
+    """Each book's head and retained bytes after adding ``counts[book] = (ops, bytes)``.
+    Books in one order for every writer: two nodes' batches never deadlock on the head rows."""
+    books = sorted(counts)
+    if dialect == "postgresql":
+        rows = await tx.fetch(
+            _PG_HEADS, books, [counts[b][0] for b in books], [counts[b][1] for b in books], now
+        )
+        return {r["book_id"]: (int(r["head"]), int(r["retained_bytes"])) for r in rows}
+    heads: dict[str, tuple[int, int]] = {}
+    for book_id in books:  # SQLite (>= 3.35 for RETURNING): one writer at a time anyway
+        row = await tx.fetchrow(_RAISE_HEAD, book_id, counts[book_id][0], counts[book_id][1], now)
+        assert row is not None
+        heads[book_id] = (int(row["head"]), int(row["retained_bytes"]))
+    return heads
+
+
 async def append_batch(
-    tx: Executor, ops: Sequence[NewOp], now: int, sizes: dict[str, int] | None = None
+    tx: Executor,
+    dialect: Dialect,
+    ops: Sequence[NewOp],
+    now: int,
+    sizes: dict[str, int] | None = None,
 ) -> list[Appended]:
     """Number and insert ``ops`` (inside the caller's transaction), in order within each book.
 
     An op whose ``(book, device, op_id)`` is already retained (a re-send, maybe to another node)
     is not inserted again: it answers with the first seq. Two nodes racing the same op id: the
     unique index fails one transaction, which the writer runs again and then finds the op.
-    ``sizes`` (when given) receives each written book's retained bytes after the batch.
+    ``sizes`` (when given) receives each written book's retained bytes after the batch. On
+    PostgreSQL a batch is three statements whatever its size.
     """
     results: list[Appended | None] = [None] * len(ops)
-    # Re-sends: look up every op id of the batch, one query per (book, device).
-    wanted: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for op in ops:
-        if op.op_id is not None:
-            wanted[(op.book_id, op.device_id)].append(op.op_id)
-    known: dict[tuple[str, str, str], int] = {}
-    for (book_id, device_id), op_ids in wanted.items():
-        for op_id, seq in (await _known_op_ids(tx, book_id, device_id, op_ids)).items():
-            known[(book_id, device_id, op_id)] = seq
+    keys = list({(op.book_id, op.device_id, op.op_id): None for op in ops if op.op_id is not None})
+    known = await _known(tx, dialect, keys)
     fresh: dict[str, list[int]] = defaultdict(list)  # book -> indexes of new ops
     seen: dict[tuple[str, str, str], int] = {}  # the same op id twice within the batch
     for i, op in enumerate(ops):
@@ -122,32 +189,20 @@ async def append_batch(
             if key is not None:
                 seen[key] = i
             fresh[op.book_id].append(i)
-    rows: list[tuple[Any, ...]] = []
-    for book_id in sorted(fresh):  # one lock order for every writer: no deadlock between nodes
-        indexes = fresh[book_id]
-        size = sum(len(ops[i].payload) for i in indexes)
-        head, retained = await _raise_head(tx, book_id, len(indexes), size, now)
-        if sizes is not None:
-            sizes[book_id] = retained
-        seq = head - len(indexes)
-        for i in indexes:
-            seq += 1
-            op = ops[i]
-            results[i] = Appended(seq, False)
-            rows.append(
-                (
-                    op.book_id,
-                    seq,
-                    op.device_id,
-                    op.op_id,
-                    op.payload,
-                    op.client_ts,
-                    op.relay_ts,
-                    now,
-                )
-            )
-    if rows:
-        await tx.executemany(_INSERT, rows)
+    if fresh:
+        counts = {b: (len(ix), sum(len(ops[i].payload) for i in ix)) for b, ix in fresh.items()}
+        heads = await _raise_heads(tx, dialect, counts, now)
+        numbered: list[tuple[NewOp, int]] = []
+        for book_id, indexes in fresh.items():
+            head, retained = heads[book_id]
+            if sizes is not None:
+                sizes[book_id] = retained
+            seq = head - len(indexes)
+            for i in indexes:
+                seq += 1
+                results[i] = Appended(seq, False)
+                numbered.append((ops[i], seq))
+        await _insert(tx, dialect, numbered, now)
     for i, op in enumerate(ops):
         if results[i] is None:
             first = results[seen[(op.book_id, op.device_id, op.op_id or "")]]
@@ -156,14 +211,29 @@ async def append_batch(
     return [r for r in results if r is not None]
 
 
-async def _raise_head(
-    tx: Executor, book_id: str, count: int, size: int, now: int
-) -> tuple[int, int]:
-    """The book's head and retained bytes after adding ``count`` ops of ``size`` bytes.
-    The same upsert on both dialects (SQLite >= 3.35 for RETURNING; Python 3.12 ships newer)."""
-    row = await tx.fetchrow(_RAISE_HEAD, book_id, count, size, now)
-    assert row is not None
-    return int(row["head"]), int(row["retained_bytes"])
+async def _insert(
+    tx: Executor, dialect: Dialect, numbered: Sequence[tuple[NewOp, int]], now: int
+) -> None:
+    if dialect == "postgresql":
+        await tx.execute(
+            _PG_INSERT,
+            [op.book_id for op, _ in numbered],
+            [seq for _, seq in numbered],
+            [op.device_id for op, _ in numbered],
+            [op.op_id for op, _ in numbered],
+            [op.payload for op, _ in numbered],
+            [op.client_ts for op, _ in numbered],
+            [op.relay_ts for op, _ in numbered],
+            now,
+        )
+        return
+    await tx.executemany(
+        _INSERT,
+        [
+            (op.book_id, seq, op.device_id, op.op_id, op.payload, op.client_ts, op.relay_ts, now)
+            for op, seq in numbered
+        ],
+    )
 
 
 async def state(db: Executor, book_id: str, member: str | None = None) -> BookState:

@@ -55,7 +55,7 @@ class BookWriter(GroupCommit[NewOp, Appended]):
 
     async def write(self, tx: Executor, items: Sequence[NewOp], now: int) -> list[Appended]:
         sizes: dict[str, int] = {}
-        results = await history.append_batch(tx, items, now, sizes)
+        results = await history.append_batch(tx, self._db.dialect, items, now, sizes)
         if self._max_bytes is not None:
             self._over.update(b for b, size in sizes.items() if size > self._max_bytes)
         return results
