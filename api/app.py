@@ -24,6 +24,7 @@ ROUTE_MODULES: tuple[str, ...] = (
     "api.routes.devices",
     "api.routes.books",
     "api.routes.publish",
+    "api.routes.photos",
 )
 
 
