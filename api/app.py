@@ -25,6 +25,7 @@ ROUTE_MODULES: tuple[str, ...] = (
     "api.routes.books",
     "api.routes.publish",
     "api.routes.book_history",
+    "api.routes.photos",
 )
 
 
