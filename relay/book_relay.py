@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay.pacing import paced
 from relay.protocol import Message, error_frame, request_id_of
-from shared.books import history, is_member
+from shared.books import history, is_member, sweep
 from shared.books.ops import (
     MAX_OP_ID,
     BookOps,
@@ -537,6 +537,10 @@ class BookRelay:
         )
         if dropped:
             log.info("book history pruned %d ops", dropped)
+        services = self.state.services
+        swept = await sweep.abandoned_photos(services.db, services.blobs, now_ms=now_ms())
+        if swept:
+            log.info("dropped %d abandoned photo uploads", swept)
 
     # -- delivered_seq / last_active_at --------------------------------------------------------------
     def _seen(self, book_id: str, device_id: str, seq: int) -> None:

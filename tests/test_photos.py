@@ -700,3 +700,19 @@ async def test_downloads_are_limited_per_device_and_unlimited_on_paid_books(make
     await stack.db.execute("UPDATE books SET tier = 'paid' WHERE id = $1", book_id)
     for _ in range(5):
         assert (await stack.call("GET", path, key)).status == 200
+
+
+async def test_an_abandoned_direct_upload_is_swept_by_the_prune_pass(stack: Stack) -> None:
+    from relay import book_relay
+    from shared.books.sweep import ABANDONED_AFTER_MS
+
+    key, book_id = await stack.member()
+    data = os.urandom(1000)
+    fresh = (await stack.call("POST", "/photos/upload", key, json=meta_for(book_id, len(data)))).data
+    old = (await stack.call("POST", "/photos/upload", key, json=meta_for(book_id, len(data)))).data
+    assert await direct_upload(stack, old, data, "image/jpeg") in (200, 201, 204)  # never completed
+    await stack.db.execute("UPDATE photos SET created_at = created_at - $1 WHERE id = $2",
+                           ABANDONED_AFTER_MS + 1000, old["photo_id"])
+    await book_relay.for_state(stack.server.state).prune()
+    assert [r["id"] for r in await stack.photo_rows()] == [fresh["photo_id"]]  # the recent one stays
+    assert old["s3_key"] not in await stack.objects()
