@@ -28,9 +28,11 @@ Per-sender order: a socket's ops are accepted one after the other by one worker 
 may spread concurrent publishes over several connections, which could reorder them); at most
 ``WS_BURST`` ops may wait behind it, beyond that an op is refused with an error frame.
 
-Presence here is local to the node (the hub's local members): ``presence`` lists the devices
-connected to this book *on this node*, and ``device.online`` / ``device.offline`` go out when a
-device's first / last socket on the book on this node comes / goes.
+Presence spans the nodes (relay/book_presence.py): ``presence`` lists the book's devices online
+on any node as this node knows it (a node that just got its first socket on the book learns the
+others' within a broker round trip and tells its sockets with ``device.online``);
+``device.online`` goes out when a device's first socket comes, ``device.offline`` when its last
+one everywhere closed ``PRESENCE_GRACE_S`` ago, or its node went silent for ``PRESENCE_TTL_S``.
 
 ``delivered_seq`` (``GET /books/{id}/sync_status``) and ``devices.last_active_at`` are written
 for connected devices every ``SYNC_FLUSH_S`` and when a socket closes, in one batch per pass.
@@ -40,11 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
+from relay.book_presence import HERE, BookView
 from relay.pacing import paced
 from relay.protocol import Message, error_frame, request_id_of
 from shared.books import history, is_member, sweep
@@ -142,7 +146,7 @@ _STARTING: Any = object()
 class _Socket:
     """What the relay keeps per open book socket."""
 
-    __slots__ = ("book_id", "queue", "worker", "pending", "overflow")
+    __slots__ = ("book_id", "queue", "worker", "pending", "overflow", "counted", "removed")
 
     def __init__(self, book_id: str, held: bool) -> None:
         self.book_id = book_id
@@ -153,12 +157,15 @@ class _Socket:
         # Live frames kept aside while the socket is set up / catches up (None: live).
         self.pending: list[Message] | None = [] if held else None
         self.overflow = False  # pending hit HELD_MAX: the catch-up re-reads the store instead
+        self.counted = False  # counted in ``local_devices`` (presence) once set up
+        self.removed = False  # closed because the device left the book: offline without grace
 
 
 class _Feed:
-    """One book's live ops on this node, put back in seq order (retention on only)."""
+    """One book on this node: its live ops put back in seq order (retention on), the sockets
+    not live yet, and who is online (``BookView``)."""
 
-    __slots__ = ("book_id", "delivered", "held", "filling", "refill", "held_sockets")
+    __slots__ = ("book_id", "delivered", "held", "filling", "refill", "held_sockets", "view")
 
     def __init__(self, book_id: str) -> None:
         self.book_id = book_id
@@ -167,6 +174,7 @@ class _Feed:
         self.filling: asyncio.Task[None] | None = None
         self.refill = False  # a gap appeared while a read ran: read again after it
         self.held_sockets = 0  # local sockets with ``pending`` (not live yet)
+        self.view = BookView()
 
 
 class BookRelay:
@@ -178,7 +186,9 @@ class BookRelay:
         self.retained = self.ops.retained
         self.sockets: dict[WsConnection, _Socket] = {}
         self.local_devices: dict[tuple[str, str], int] = {}  # (book, device) -> open sockets here
-        self.feeds: dict[str, _Feed] = {}  # channel -> feed (retention on)
+        self.feeds: dict[str, _Feed] = {}  # channel -> feed
+        self.node_id = os.urandom(6).hex()  # names this node in presence messages
+        self._grace: dict[tuple[str, str], asyncio.TimerHandle] = {}  # last socket closed
         self._saved: dict[tuple[str, str], int] = {}  # (book, device) -> delivered_seq written
         self._closed_seen: dict[tuple[str, str], int] = {}  # to write after the socket closed
         self._active_at: dict[str, float] = {}  # device -> when last_active_at was last written
@@ -188,8 +198,7 @@ class BookRelay:
         self._eager = type(state.services.broker) is MemoryBroker and not self.retained
         state.handlers[OP_TYPE] = self.on_operation
         state.on_close.append(self.on_close)
-        if self.retained:
-            state.hub.routes["book"] = self.on_book_message
+        state.hub.routes["book"] = self.on_book_message
         state.services.closers.append(self.close)
 
     @property
@@ -202,7 +211,10 @@ class BookRelay:
             return
         spawn = asyncio.get_running_loop().create_task
         settings = self.state.settings
-        self._background = [spawn(self._every(SYNC_FLUSH_S, self.flush_sync), name="book-sync")]
+        self._background = [
+            spawn(self._every(SYNC_FLUSH_S, self.flush_sync), name="book-sync"),
+            spawn(self._every(settings.presence_ttl_s / 3, self.presence_pass), name="book-here"),
+        ]
         if self.retained:
             self._background += [
                 spawn(self._every(settings.inbox_poll_s, self.poll), name="book-poll"),
@@ -229,6 +241,9 @@ class BookRelay:
         for feed in self.feeds.values():
             if feed.filling is not None:
                 feed.filling.cancel()
+        for handle in self._grace.values():
+            handle.cancel()  # the other nodes' TTL turns these devices offline
+        self._grace.clear()
         try:
             await self.flush_sync(closing=True)
         except Exception as exc:  # noqa: BLE001 - shutting down: the next connect re-reads
@@ -248,9 +263,9 @@ class BookRelay:
         assert device_id is not None  # a device principal always names its device
         socket = _Socket(book_id, held=True)
         self.sockets[conn] = socket
-        feed = self._feed(channel, book_id) if self.retained else None
-        if feed is not None:
-            feed.held_sockets += 1
+        first_here = channel not in self.feeds
+        feed = self._feed(channel, book_id)
+        feed.held_sockets += 1
         try:
             await hub.subscribe(conn, channel)
             if not conn.open:  # closed while subscribing: on_close already ran
@@ -264,19 +279,25 @@ class BookRelay:
         if not state.member:
             # Removed between the upgrade's check and the subscription: the removal notice may
             # have found no socket to close, so this socket closes itself (realtime.md).
-            conn.send({"type": "device.removed"})
-            conn.close(CloseCode.POLICY, "device removed from the book")
+            self.evict(conn)
             return
-        if feed is not None and feed.delivered is None:
+        if self.retained and feed.delivered is None:
             feed.delivered = state.head
             self._drain_held(channel, feed)
-        online = sorted({c.device_id for c in hub.local_members(channel) if c.open and c.device_id})
-        conn.send({"type": "presence", "online": online})
+        online = set(feed.view.online())
+        online.update(c.device_id for c in hub.local_members(channel) if c.open and c.device_id)
+        conn.send({"type": "presence", "online": sorted(online)})
         key = (book_id, device_id)
         count = self.local_devices.get(key, 0)
         self.local_devices[key] = count + 1
-        if count == 0:
+        socket.counted = True
+        grace = self._grace.pop(key, None)
+        if grace is not None:
+            grace.cancel()  # back within the grace: nobody is told it was ever gone
+        elif count == 0:
             self._announce(book_id, device_id, "device.online")
+        if first_here:  # ask the other nodes who of this book they count online
+            self._publish_here(book_id, query=True)
         if since is None:
             conn.send({"type": "synced", "seq": state.head})
             self._go_live(conn, socket, state.head, replayed=False)
@@ -386,27 +407,107 @@ class BookRelay:
                 del self.feeds[channel]
         device_id = conn.device_id
         assert device_id is not None
+        if not socket.counted:
+            return
         key = (socket.book_id, device_id)
         count = self.local_devices.get(key, 0) - 1
         if count > 0:
             self.local_devices[key] = count
             return
         self.local_devices.pop(key, None)
-        self._announce(socket.book_id, device_id, "device.offline")
+        if socket.removed:  # it left the book: no grace, it is not coming back
+            self._announce(socket.book_id, device_id, "device.offline")
+            return
+        # device.offline after the grace (realtime.md guarantee 5), unless it is back by then.
+        self._grace[key] = asyncio.get_running_loop().call_later(
+            self.state.settings.presence_grace_s, self._grace_over, key
+        )
 
+    def evict(self, conn: WsConnection) -> None:
+        """The device was removed from the book: ``device.removed``, then close 1008."""
+        socket = self.sockets.get(conn)
+        if socket is not None:
+            socket.removed = True
+        conn.send({"type": "device.removed"})  # written before the close frame
+        conn.close(CloseCode.POLICY, "device removed from the book")
+
+    def _grace_over(self, key: tuple[str, str]) -> None:
+        if self._grace.pop(key, None) is not None and key not in self.local_devices:
+            self._announce(key[0], key[1], "device.offline")
+
+    # -- presence across nodes (relay/book_presence.py) -------------------------------------------
     def _announce(self, book_id: str, device_id: str, kind: str) -> None:
-        message = {"type": kind, "device_id": device_id}
+        message = {"type": kind, "device_id": device_id, "node": self.node_id}
         _ = self.state.spawn(self._publish_quietly(book_id, message, device_id))
 
-    async def _publish_quietly(self, book_id: str, message: Message, device_id: str) -> None:
+    def _counted_here(self, book_id: str) -> list[str]:
+        """The devices this node counts online for the book: open sockets and graces."""
+        devices = {
+            c.device_id
+            for c in self.state.hub.local_members(channel_of(book_id))
+            if c.device_id is not None and (s := self.sockets.get(c)) is not None and s.counted
+        }
+        devices.update(d for (b, d) in self._grace if b == book_id)
+        return sorted(devices)
+
+    def _publish_here(self, book_id: str, *, query: bool) -> None:
+        message: Message = {
+            "type": HERE,
+            "node": self.node_id,
+            "online": self._counted_here(book_id),
+            "query": query,
+        }
+        _ = self.state.spawn(self._publish_quietly(book_id, message, None))
+
+    async def _publish_quietly(self, book_id: str, message: Message, device_id: str | None) -> None:
         try:
             await self.state.hub.publish(channel_of(book_id), message, exclude_device=device_id)
         except BackendUnavailable:
             log.warning("presence change not published: the broker is unavailable")
 
+    def _on_presence(self, channel: str, feed: _Feed, message: Message) -> None:
+        node = message.get("node")
+        kind = message.get("type")
+        if not isinstance(node, str):
+            return
+        now = time.monotonic()
+        view = feed.view
+        if kind == HERE:
+            online = message.get("online")
+            if not isinstance(online, list):
+                return
+            came, went = view.here(node, [d for d in online if isinstance(d, str)], now)
+            self._tell(channel, feed, came, went)
+            if message.get("query") is True and node != self.node_id:
+                self._publish_here(feed.book_id, query=False)
+            return
+        device = message.get("device_id")
+        if not isinstance(device, str):
+            return
+        if kind == "device.online" and view.claim(node, device, now):
+            self._tell(channel, feed, [device], [])
+        elif kind == "device.offline" and view.release(node, device, now):
+            self._tell(channel, feed, [], [device])
+
+    def _tell(self, channel: str, feed: _Feed, came: list[str], went: list[str]) -> None:
+        for device in came:  # a device is not told about itself
+            self._deliver(channel, feed, {"type": "device.online", "device_id": device}, device)
+        for device in went:
+            self._deliver(channel, feed, {"type": "device.offline", "device_id": device}, device)
+
+    async def presence_pass(self) -> None:
+        """Every third of PRESENCE_TTL_S: say who is here, forget nodes that went silent."""
+        ttl = self.state.settings.presence_ttl_s
+        now = time.monotonic()
+        for channel, feed in list(self.feeds.items()):
+            self._publish_here(feed.book_id, query=False)
+            went = feed.view.expire(now, ttl, keep=self.node_id)
+            if went:
+                self._tell(channel, feed, [], went)
+
     # -- live delivery in seq order (retention on) ---------------------------------------------------
     def on_book_message(self, channel: str, members: Any, data: bytes) -> None:
-        """A hub route: the broker's message for ``book:...``, delivered in seq order."""
+        """A hub route: the broker's message for ``book:...`` (an op, in seq order; presence)."""
         try:
             message, exclude, seq = unpack_envelope(data)
         except Exception:  # noqa: BLE001 - whatever a broken publisher sent, drop it loudly
@@ -415,7 +516,11 @@ class BookRelay:
         feed = self.feeds.get(channel)
         if feed is None:
             return
-        if seq is None:  # presence changes: not part of the book's order
+        if seq is None:  # presence: not part of the book's order, never relayed as sent
+            self._on_presence(channel, feed, message)
+            return
+        if not self.retained:  # the broker numbered it: already in order
+            message["seq"] = seq
             self._deliver(channel, feed, message, exclude)
             return
         delivered = feed.delivered

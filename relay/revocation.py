@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("switchboard.revocation")
 
-DEVICE_REMOVED = {"type": "device.removed"}
-
-
 def book_device(notice: dict[str, Any]) -> tuple[str, str] | None:
     """``(book_id, device_id)`` of a well-formed ``book_device`` notice, else None."""
     value = notice.get("book_device")
@@ -109,10 +106,10 @@ async def install(state: RelayState) -> None:
             forget_cached_token(state.services, notice["token"])
         removed = book_device(notice)
         if removed is not None:
+            relay = book_relay.for_state(state)
             for conn in candidates(state, notice):
                 if conn.open and removed_from_book(state, conn, *removed):
-                    conn.send(DEVICE_REMOVED)  # written before the close frame
-                    conn.close(CloseCode.POLICY, "device removed from the book")
+                    relay.evict(conn)
             return
         for conn in candidates(state, notice):
             if conn.open and matches(conn, notice):

@@ -98,9 +98,12 @@ async def open_peer(server: Any, key: DeviceKey, book_id: str, token: str | None
     return peer
 
 
+GRACE_S = 0.3  # PRESENCE_GRACE_S for these tests: device.offline comes this long after the last close
+
+
 @pytest.fixture
 async def server(server_factory: Any, make_settings: Callable[..., Settings]) -> Any:
-    return await server_factory(make_settings())
+    return await server_factory(make_settings(presence_grace_s=GRACE_S))
 
 
 async def devices(server: Any, count: int) -> list[DeviceKey]:
@@ -364,5 +367,64 @@ async def test_two_nodes_keep_one_per_book_order(
         assert seqs == acks  # the seq each sender was told is the one everyone sees
     merged = sorted(acks_a + acks_b)
     assert len(set(merged)) == 2 * count  # one counter for the book across both nodes
+    await a.ws.close()
+    await b.ws.close()
+
+
+# -- presence across nodes, grace and TTL -------------------------------------------------------------
+
+
+async def test_a_reconnect_within_the_grace_is_silent(
+    server_factory: Any, make_settings: Callable[..., Settings]
+) -> None:
+    server = await server_factory(make_settings(presence_grace_s=3.0, rate_relay_connect="100/600"))
+    a_key, b_key = await devices(server, 2)
+    book = await insert_book(server.services.db, a_key, b_key)
+    a = await open_peer(server, a_key, book)
+    b = await open_peer(server, b_key, book)
+    assert await a.recv() == {"type": "device.online", "device_id": b.id}
+    await b.ws.close()
+    b = await open_peer(server, b_key, book)  # back before the grace ends
+    assert b.frames[0]["online"] == sorted([a.id, b.id])
+    await a.send({"type": "ping"})
+    assert await a.recv() == {"type": "pong"}  # neither device.offline nor device.online
+    await b.ws.close()
+    assert await a.recv() == {"type": "device.offline", "device_id": b.id}  # after the grace
+    await a.ws.close()
+
+
+async def test_presence_spans_nodes_and_a_silent_node_s_devices_go_offline(
+    server_factory: Any, make_settings: Callable[..., Settings], pg_url: str, pg_schema: str,
+    redis_url: str, redis_prefix: str,
+) -> None:
+    def settings() -> Settings:
+        return make_settings(database_url=pg_url, database_schema=pg_schema, redis_url=redis_url,
+                             redis_prefix=redis_prefix, presence_grace_s=GRACE_S, presence_ttl_s=1.5)
+
+    node1 = await server_factory(settings())
+    node2 = await server_factory(settings())
+    a_key, b_key, c_key = await devices(node1, 3)
+    book = await insert_book(node1.services.db, a_key, b_key, c_key)
+    a = await open_peer(node1, a_key, book)
+    b = await open_peer(node2, b_key, book)  # node 2's first socket on the book
+    # B learns of A: in its presence, or right after it once node 1 answered node 2's query.
+    if a.id not in b.frames[0]["online"]:
+        await b.until(lambda f: f == {"type": "device.online", "device_id": a.id})
+    await a.until(lambda f: f == {"type": "device.online", "device_id": b.id})
+    c = await open_peer(node2, c_key, book)  # node 2 knows the book now: a complete first frame
+    assert c.frames[0] == {"type": "presence", "online": sorted([a.id, b.id, c.id])}
+    for peer in (a, b):
+        await peer.until(lambda f: f == {"type": "device.online", "device_id": c.id})
+    await c.ws.close()  # the last socket of C, on node 2: offline on both nodes after the grace
+    for peer in (a, b):
+        await peer.until(lambda f: f == {"type": "device.offline", "device_id": c.id})
+
+    # Node 1 stops speaking (its presence pass stops, as if partitioned or killed): after
+    # PRESENCE_TTL_S node 2 counts A offline, without anything from node 1.
+    relay1 = node1.state.services.extras["relay.books"]
+    relay1._stopping = True
+    for task in relay1._background:
+        task.cancel()
+    await b.until(lambda f: f == {"type": "device.offline", "device_id": a.id})
     await a.ws.close()
     await b.ws.close()
