@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("switchboard.revocation")
 
+
 def book_device(notice: dict[str, Any]) -> tuple[str, str] | None:
     """``(book_id, device_id)`` of a well-formed ``book_device`` notice, else None."""
     value = notice.get("book_device")
