@@ -2,8 +2,9 @@
 
 The hub listens on the node-wide ``device_notice`` channel. A notice names a device and a book:
 its frame goes to the device's sockets (the registry's ``by_device`` index, never a walk of every
-socket) that the book relay has on record for that book. A socket still subscribing is not on
-record yet and gets nothing: its first frame must stay ``presence`` (realtime.md "Handshake").
+socket) that the book relay has on record for that book. A socket still being set up (held by the
+relay until ``presence``, its catch-up and ``synced`` are out) gets the frame with the live frames
+held for it, after those: its first frame stays ``presence`` (realtime.md "Handshake").
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def parse(data: bytes) -> tuple[str, str, dict[str, Any]] | None:
     return device_id, book_id, frame
 
 
-def targets(state: RelayState, device_id: str, book_id: str) -> list[WsConnection]:
-    """The open relay sockets of ``device_id`` on ``book_id`` on this node."""
+def targets(state: RelayState, device_id: str, book_id: str) -> list[tuple[WsConnection, Any]]:
+    """The open relay sockets of ``device_id`` on ``book_id`` on this node, with the relay's
+    record of each (``book_relay._Socket``)."""
     relay = state.services.extras.get(book_relay.EXTRAS_KEY)
     if not isinstance(relay, book_relay.BookRelay):
         return []  # no relay socket was ever opened on this node
@@ -47,21 +49,24 @@ def targets(state: RelayState, device_id: str, book_id: str) -> list[WsConnectio
     for conn in state.registry.by_device(device_id):
         socket = relay.sockets.get(conn)
         if socket is not None and socket.book_id == book_id and conn.open:
-            found.append(conn)
+            found.append((conn, socket))
     return found
 
 
 def deliver(state: RelayState, data: bytes) -> int:
-    """Write one notice's frame; how many sockets got it."""
+    """Write one notice's frame (held for a socket not live yet); how many sockets get it."""
     parsed = parse(data)
     if parsed is None:
         log.error("dropped a malformed device notice")
         return 0
     device_id, book_id, frame = parsed
-    conns = targets(state, device_id, book_id)
-    for conn in conns:
-        conn.send(frame)
-    return len(conns)
+    found = targets(state, device_id, book_id)
+    for conn, socket in found:
+        if socket.pending is not None:  # being set up: sent after synced, with the held ops
+            socket.pending.append(frame)  # no seq, so a replay never drops it
+        else:
+            conn.send(frame)
+    return len(found)
 
 
 async def install(state: RelayState) -> None:
