@@ -23,6 +23,7 @@ ROUTE_MODULES: tuple[str, ...] = (
     "api.routes.mail",
     "api.routes.devices",
     "api.routes.books",
+    "api.routes.pairing",
     "api.routes.publish",
     "api.routes.book_history",
     "api.routes.photos",

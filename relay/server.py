@@ -25,7 +25,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from api.app import create_app
-from relay import revocation
+from relay import device_notices, revocation
 from relay.handoff import HeadReader
 from relay.state import RelayState
 from shared.codes import CloseCode
@@ -135,6 +135,7 @@ async def start_server(
     try:
         await state.hub.start()
         await revocation.install(state)
+        await device_notices.install(state)
     except BaseException:
         await runner.cleanup()
         await services.close()

@@ -600,14 +600,14 @@ async def test_closing_the_last_socket_releases_the_redis_subscription(
         a = await join(server, "room", "a")
         b = await join(server, "room", "b")
         # Subscribed before `joined`; the user's inbox channel comes with every /ws socket, and
-        # every node listens for revocation notices.
-        assert await channels(redis, redis_prefix) == {"room", "inbox:u-1", "revoke"}
+        # every node listens for revocation and device notices.
+        assert await channels(redis, redis_prefix) == {"room", "inbox:u-1", "revoke", "device_notice"}
         await a.ws.close()
         await server.state.hub.publish("room", {"type": "still"})
         assert await b.recv() == {"type": "still"}
-        assert await channels(redis, redis_prefix) == {"room", "inbox:u-1", "revoke"}
+        assert await channels(redis, redis_prefix) == {"room", "inbox:u-1", "revoke", "device_notice"}
         await b.ws.close()
-        await wait_until_channels(redis, redis_prefix, {"revoke"})
+        await wait_until_channels(redis, redis_prefix, {"revoke", "device_notice"})
         assert list(server.state.hub.local_members("room")) == []
     finally:
         await redis.aclose()
@@ -676,7 +676,7 @@ async def test_hub_keeps_working_after_the_pubsub_connection_is_killed(
         while seen[-1] != i - 1:
             seen.append((await client.recv())["i"])
         assert seen == sorted(seen) and len(set(seen)) == len(seen)
-        assert await channels(redis, redis_prefix) == {"room", "inbox:u-1", "revoke"}
+        assert await channels(redis, redis_prefix) == {"room", "inbox:u-1", "revoke", "device_notice"}
     finally:
         await redis.aclose()
         await client.ws.close()
