@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from relay import book_relay
-from shared.device_notices import DEVICE_NOTICE_CHANNEL
+from shared.device_notices import DEVICE_NOTICE_CHANNEL, book_digest
 
 if TYPE_CHECKING:
     from relay.connection import WsConnection
@@ -24,14 +24,14 @@ log = logging.getLogger("switchboard.device_notices")
 
 
 def parse(data: bytes) -> tuple[str, str, dict[str, Any]] | None:
-    """``(device_id, book_id, frame)`` of a well-formed notice, else None."""
+    """``(device_id, book digest, frame)`` of a well-formed notice, else None."""
     try:
         notice = json.loads(data)
     except ValueError:
         return None
     if not isinstance(notice, dict):
         return None
-    device_id, book_id, frame = notice.get("device_id"), notice.get("book_id"), notice.get("frame")
+    device_id, book_id, frame = notice.get("device_id"), notice.get("book"), notice.get("frame")
     if not (isinstance(device_id, str) and isinstance(book_id, str) and isinstance(frame, dict)):
         return None
     if not isinstance(frame.get("type"), str):
@@ -39,16 +39,16 @@ def parse(data: bytes) -> tuple[str, str, dict[str, Any]] | None:
     return device_id, book_id, frame
 
 
-def targets(state: RelayState, device_id: str, book_id: str) -> list[tuple[WsConnection, Any]]:
-    """The open relay sockets of ``device_id`` on ``book_id`` on this node, with the relay's
-    record of each (``book_relay._Socket``)."""
+def targets(state: RelayState, device_id: str, book: str) -> list[tuple[WsConnection, Any]]:
+    """The open relay sockets of ``device_id`` on the book whose digest is ``book`` on this node,
+    with the relay's record of each (``book_relay._Socket``)."""
     relay = state.services.extras.get(book_relay.EXTRAS_KEY)
     if not isinstance(relay, book_relay.BookRelay):
         return []  # no relay socket was ever opened on this node
     found = []
     for conn in state.registry.by_device(device_id):
         socket = relay.sockets.get(conn)
-        if socket is not None and socket.book_id == book_id and conn.open:
+        if socket is not None and book_digest(socket.book_id) == book and conn.open:
             found.append((conn, socket))
     return found
 

@@ -1,4 +1,4 @@
-"""The audit log: auth, token and device-revocation events, kept 90 days, exportable by the user.
+"""The audit log: auth, token, book and pairing events, kept 90 days, exportable by the user.
 
 IP addresses and subjects (an email that failed to log in, a token or device id) are stored as
 ``hash_id`` digests, never raw; ``details`` holds only non-secret context (a session id, scope
@@ -7,7 +7,10 @@ names, a reason). Events recorded by the account and token routes:
 ``auth.register``, ``auth.login``, ``auth.login_failed``, ``auth.refresh_reused``,
 ``auth.logout``, ``auth.session_revoked``, ``auth.password_changed``,
 ``auth.password_reset_requested``, ``auth.password_reset``, ``auth.email_verified``,
-``token.created``, ``token.updated``, ``token.revoked``.
+``token.created``, ``token.updated``, ``token.revoked``; and for Home Pocket books (``subject`` a
+device id, ids in ``details`` hashed too): ``book.device_removed``, ``book.tier_changed``,
+``pairing.generated``, ``pairing.verified``, ``pairing.verify_failed``, ``pairing.exchanged``,
+``photo.deleted``.
 """
 
 from __future__ import annotations

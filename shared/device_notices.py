@@ -3,10 +3,11 @@
 Every node listens on one broker channel (``DEVICE_NOTICE_CHANNEL``, see ``relay.device_notices``),
 as it does for revocations (``shared.revocation``). A notice is a small JSON object::
 
-    {"device_id": "...", "book_id": "...", "frame": {"type": "...", ...}}
+    {"device_id": "...", "book": "<digest of the book id>", "frame": {"type": "...", ...}}
 
 and each node writes ``frame`` to that device's open ``/ws/relay/{book_id}`` sockets, if it has
-any. The first user is ``/pairing/verify``: ``{"type": "pairing.matched", "device_id",
+any. The book travels as ``book_digest`` (the digest its channel is named by): Redis never sees a
+book id. The first user is ``/pairing/verify``: ``{"type": "pairing.matched", "device_id",
 "public_key"}`` to the device that generated the code (realtime.md "Book relay").
 
 A notice is ephemeral, like the frames it carries: sent after the change committed; a device with
@@ -20,6 +21,7 @@ import json
 import logging
 from typing import Any
 
+from shared.books.writer import BOOK_DIGEST
 from shared.errors import BackendUnavailable
 from shared.secrets import hash_id
 from shared.services import Services
@@ -29,9 +31,13 @@ log = logging.getLogger("switchboard.device_notices")
 DEVICE_NOTICE_CHANNEL = "device_notice"
 
 
+def book_digest(book_id: str) -> str:
+    return hash_id(book_id, BOOK_DIGEST)
+
+
 async def notify(services: Services, device_id: str, book_id: str, frame: dict[str, Any]) -> bool:
     """Publish ``frame`` for ``device_id``'s sockets on ``book_id``; False if the broker failed."""
-    notice = {"device_id": device_id, "book_id": book_id, "frame": frame}
+    notice = {"device_id": device_id, "book": book_digest(book_id), "frame": frame}
     try:
         await services.broker.publish(
             DEVICE_NOTICE_CHANNEL, json.dumps(notice, separators=(",", ":")).encode()

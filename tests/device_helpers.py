@@ -1,6 +1,6 @@
 """E2EE device helpers for the tests, written from the contract (README "Device JWT", rest.md
 ``POST /devices/register``): an Ed25519 key, the registration body, self-signed device JWTs, and
-store shortcuts for what later issues add through the API (pairing adds members)."""
+store shortcuts for tests about something else (the API way to join a book is pairing)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ async def insert_device(db: Executor, key: DeviceKey | None = None) -> DeviceKey
 
 
 async def add_member(db: Executor, book_id: str, device_id: str) -> None:
-    """What pairing will do through the API (a later issue)."""
+    """A member straight into the store (tests about something else; the API way is pairing)."""
     await db.execute(
         "INSERT INTO book_members (book_id, device_id, joined_at) VALUES ($1, $2, $3)",
         book_id, device_id, int(time.time() * 1000),

@@ -121,6 +121,22 @@ class HPDevice:
         self._set_key(nacl.utils.random(nacl.secret.SecretBox.KEY_SIZE))
         return self.book_id
 
+    async def pairing_code(self, http: aiohttp.ClientSession, book_id: str) -> str:
+        """``POST /api/v1/pairing/generate``: a six-digit code for a new device to join."""
+        resp = await http.post("/api/v1/pairing/generate", json={"book_id": book_id}, headers=self._auth())
+        body = await resp.json()
+        assert resp.status == 201 and body["success"], body
+        return str(body["data"]["short_code"])
+
+    async def join(self, http: aiohttp.ClientSession, code: str) -> bytes:
+        """``POST /api/v1/pairing/verify``: join the code's book; the generator's public key."""
+        resp = await http.post("/api/v1/pairing/verify", headers=self._auth(), json={
+            "short_code": code, "public_key": base64.b64encode(self.public_key).decode()})
+        body = await resp.json()
+        assert resp.status == 200 and body["data"]["matched"] is True, body
+        self.book_id = str(body["data"]["book_id"])
+        return base64.b64decode(body["data"]["peer_public_key"])
+
     # -- keys ---------------------------------------------------------------------------------------
     def _set_key(self, key: bytes) -> None:
         assert len(key) == nacl.secret.SecretBox.KEY_SIZE

@@ -3,7 +3,7 @@
 sender, op-id dedupe, bad ops answered without closing, msgpack raw bytes, presence frames, and
 two nodes sharing PostgreSQL + Redis keeping one per-book order.
 
-Members are added straight into the store: pairing (the API way to join) is a later issue."""
+Members are added straight into the store here; tests/test_pairing.py joins them the API way."""
 
 from __future__ import annotations
 

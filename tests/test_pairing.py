@@ -458,7 +458,7 @@ async def test_a_join_that_fails_in_the_database_leaves_the_code_usable(api: Api
 
 
 def test_device_notices_that_are_not_well_formed_are_dropped() -> None:
-    good = {"device_id": "d", "book_id": "b", "frame": {"type": "pairing.matched"}}
+    good = {"device_id": "d", "book": "b", "frame": {"type": "pairing.matched"}}
     assert parse(json.dumps(good).encode()) == ("d", "b", {"type": "pairing.matched"})
     for bad in [b"not json", b"[]", json.dumps({**good, "frame": "x"}).encode(),
                 json.dumps({**good, "frame": {"no": "type"}}).encode(),

@@ -29,7 +29,7 @@ empty capture cannot pass for a clean one. ``test_the_scan_finds_every_form_of_a
 scanner itself on planted leaks.
 
 Not covered yet: photos (``POST /api/v1/photos/upload`` is not on main; the blob store directory is
-scanned anyway), pairing (members are added with ``add_member``; the sealed key still travels
+scanned anyway), pairing (members join through ``POST /pairing/verify``; the sealed key still travels
 through the relay), retention (no ops stored yet; the store scan covers them once they are).
 """
 
@@ -63,7 +63,6 @@ from shared.config import Settings
 from shared.logs import JsonFormatter, RedactingFilter
 from shared.secrets import hash_id
 from tests.conftest import wait_for
-from tests.device_helpers import add_member
 from tests.hp_devices import CLIENT_LOGGER, HPDevice
 
 ROUNDS = 4  # edits per device, sent while the other devices edit too
@@ -406,7 +405,9 @@ async def test_three_devices_converge_and_the_server_side_holds_no_plaintext(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     marker = f"zk-marker-{uuid.uuid4().hex}"
-    common: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    # One JWT_SECRET for both nodes, as in production (pairing codes are HMACed with a key from it).
+    common: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": redis_prefix,
+                              "jwt_secret": "zk-" + uuid.uuid4().hex}
     if store == "postgresql":
         common.update(database_url=pg_url, database_schema=pg_schema)
 
@@ -423,8 +424,9 @@ async def test_three_devices_converge_and_the_server_side_holds_no_plaintext(
             await b.register(http1)
             await c.register(http2)
             book_id = await a.create_book(http1)
-        for member in (b, c):  # what pairing will do through the API (a later issue)
-            await add_member(node1.services.db, book_id, member.device_id)
+            # B and C join by pairing, through either node: A's code, their verify.
+            assert await b.join(http1, await a.pairing_code(http1, book_id)) == a.public_key
+            assert await c.join(http2, await a.pairing_code(http1, book_id)) == a.public_key
 
         await a.connect(node1.port, book_id)
         await b.connect(node1.port, book_id)

@@ -12,6 +12,12 @@ Cluster it runs on the master of the key's slot.
 * ``unmark``: the way back for a match whose join failed in the database (``transactional`` is
   False: Redis cannot roll back with the SQL transaction), only if that match is still ours.
 
+The ids in a record (book, generating device, peer) are sealed (XSalsa20-Poly1305) under a key
+derived from the server key *and the code*: Redis, a dump of it or a MONITOR sees digests and
+ciphertext only (the zero-knowledge test scans it), and only a request carrying the code can open
+its record. The nonce is derived from the field and its value, so sealing is deterministic and
+the scripts can still compare a peer id they are given.
+
 TTLs are relative (``PEXPIRE``), computed from this process's clock, so a skew between the node and
 Redis moves nothing. Every redis-py error becomes ``BackendUnavailable``.
 """
@@ -19,8 +25,13 @@ Redis moves nothing. Every redis-py error becomes ``BackendUnavailable``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 from typing import Any
 
+import nacl.exceptions
+import nacl.secret
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -65,10 +76,14 @@ return 1
 """
 
 _INTS = ("created_at", "expires_at", "keep_until", "matched_at")
+_SEALED = ("book_id", "device_id", "peer_device_id")
 
 
-def _record(fields: dict[bytes, bytes]) -> PairingRecord:
+def _record(fields: dict[bytes, bytes], unseal: Any) -> PairingRecord:
     text = {k.decode(): v.decode() for k, v in fields.items()}
+    for name in _SEALED:
+        if name in text:
+            text[name] = unseal(text[name])
     values: dict[str, Any] = {
         name: int(text[name]) if name in _INTS else text[name]
         for name in PairingRecord.__slots__
@@ -107,6 +122,26 @@ class RedisCodeStore:
     def _name(self, code: str) -> str:
         return self._prefix + digest(self._key, code)
 
+    def _box(self, code: str) -> nacl.secret.SecretBox:
+        key = hmac.new(self._key, b"seal:" + code.encode("ascii"), hashlib.sha256).digest()
+        return nacl.secret.SecretBox(key)
+
+    def _seal(self, code: str, name: str, value: str) -> str:
+        nonce = hmac.new(self._key, f"{code}:{name}:{value}".encode(), hashlib.sha256).digest()
+        sealed = self._box(code).encrypt(value.encode(), nonce[: nacl.secret.SecretBox.NONCE_SIZE])
+        return base64.b64encode(bytes(sealed)).decode("ascii")
+
+    def _unsealer(self, code: str) -> Any:
+        box = self._box(code)
+
+        def unseal(text: str) -> str:
+            try:
+                return box.decrypt(base64.b64decode(text)).decode()
+            except (nacl.exceptions.CryptoError, ValueError) as exc:
+                raise BackendUnavailable("a pairing record could not be opened") from exc
+
+        return unseal
+
     async def _run(self, action: str, command: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             if self._gate is None:
@@ -122,7 +157,7 @@ class RedisCodeStore:
         for name in PairingRecord.__slots__:
             value = getattr(record, name)
             if value is not None:
-                fields += [name, value]
+                fields += [name, self._seal(code, name, value) if name in _SEALED else value]
         ttl = max(1, record.keep_until - now_ms())
         created = await self._run(
             "create", self._create, keys=[self._name(code)], args=[ttl, *fields]
@@ -131,20 +166,22 @@ class RedisCodeStore:
 
     async def get(self, code: str, ex: Executor | None = None) -> PairingRecord | None:
         fields = await self._run("get", self._client.hgetall, self._name(code))
-        return _record(fields) if fields else None
+        return _record(fields, self._unsealer(code)) if fields else None
 
     async def mark_matched(
         self, code: str, peer_device_id: str, now: int, ex: Executor | None = None
     ) -> bool:
         keep_until = now + LINGER_S * 1000
         ttl = max(1, keep_until - now_ms())
-        args = [PENDING, MATCHED, peer_device_id, now, keep_until, ttl]
+        peer = self._seal(code, "peer_device_id", peer_device_id)
+        args = [PENDING, MATCHED, peer, now, keep_until, ttl]
         swapped = await self._run("match", self._match, keys=[self._name(code)], args=args)
         return int(swapped) == 1
 
     async def unmark(self, code: str, peer_device_id: str, record: PairingRecord) -> None:
         ttl = max(1, record.keep_until - now_ms())
-        args = [MATCHED, peer_device_id, PENDING, record.keep_until, ttl]
+        peer = self._seal(code, "peer_device_id", peer_device_id)
+        args = [MATCHED, peer, PENDING, record.keep_until, ttl]
         await self._run("unmark", self._unmark, keys=[self._name(code)], args=args)
 
     async def close(self) -> None:
