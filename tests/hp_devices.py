@@ -137,6 +137,51 @@ class HPDevice:
         self.book_id = str(body["data"]["book_id"])
         return base64.b64decode(body["data"]["peer_public_key"])
 
+    # -- photos and snapshots: ciphertext through the blob store --------------------------------------
+    async def upload_photo(self, http: aiohttp.ClientSession, photo: bytes) -> str:
+        """Encrypt ``photo`` with the book key and upload it (multipart, streamed); its id."""
+        assert self._box is not None and self.book_id is not None
+        sealed = bytes(self._box.encrypt(photo))
+        form = aiohttp.FormData()
+        form.add_field("metadata", json.dumps({"book_id": self.book_id, "transaction_id": f"tx-{self.name}",
+                                               "size_bytes": len(sealed), "mime_type": "image/jpeg"}),
+                       content_type="application/json")
+        form.add_field("file", sealed, filename="photo.enc", content_type="image/jpeg")
+        resp = await http.post("/api/v1/photos/upload", data=form, headers=self._auth())
+        body = await resp.json()
+        assert resp.status == 201, body
+        return str(body["data"]["photo_id"])
+
+    async def download_photo(self, http: aiohttp.ClientSession, photo_id: str) -> bytes:
+        """``GET /photos/{id}``, fetch its URL, decrypt."""
+        assert self._box is not None
+        resp = await http.get(f"/api/v1/photos/{photo_id}", headers=self._auth())
+        body = await resp.json()
+        assert resp.status == 200, body
+        async with aiohttp.ClientSession() as raw, raw.get(body["data"]["download_url"]) as got:
+            assert got.status == 200
+            return bytes(self._box.decrypt(await got.read()))
+
+    async def upload_snapshot(self, http: aiohttp.ClientSession, seq: int) -> None:
+        """The whole document, encrypted, as the book's snapshot up to ``seq`` (the first one)."""
+        assert self._box is not None and self.book_id is not None
+        form = aiohttp.FormData()
+        form.add_field("metadata", json.dumps({"seq": seq, "base_snapshot_seq": None}),
+                       content_type="application/json")
+        form.add_field("file", bytes(self._box.encrypt(self.doc.get_update())), filename="snapshot.enc")
+        resp = await http.put(f"/api/v1/books/{self.book_id}/snapshot", data=form, headers=self._auth())
+        assert resp.status == 200, await resp.text()
+
+    async def restore_snapshot(self, http: aiohttp.ClientSession) -> int:
+        """Download the book's snapshot, decrypt and apply it; its seq."""
+        assert self._box is not None
+        resp = await http.get(f"/api/v1/books/{self.book_id}/snapshot", headers=self._auth())
+        body = await resp.json()
+        assert resp.status == 200, body
+        async with aiohttp.ClientSession() as raw, raw.get(body["data"]["download_url"]) as got:
+            self.doc.apply_update(bytes(self._box.decrypt(await got.read())))
+        return int(body["data"]["seq"])
+
     # -- keys ---------------------------------------------------------------------------------------
     def _set_key(self, key: bytes) -> None:
         assert len(key) == nacl.secret.SecretBox.KEY_SIZE

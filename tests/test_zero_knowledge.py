@@ -28,9 +28,9 @@ MONITOR stream, the device ids are found in the ``devices`` table, log lines wer
 empty capture cannot pass for a clean one. ``test_the_scan_finds_every_form_of_a_leak`` checks the
 scanner itself on planted leaks.
 
-Not covered yet: photos (``POST /api/v1/photos/upload`` is not on main; the blob store directory is
-scanned anyway), pairing (members join through ``POST /pairing/verify``; the sealed key still travels
-through the relay), retention (no ops stored yet; the store scan covers them once they are).
+B and C join by pairing through the API; the book key travels sealed through the relay; the ops
+are retained (BOOK_RETENTION's default) so the store holds their ciphertext; an encrypted photo
+and an encrypted snapshot go through the blob store, and the scan reads all of it.
 """
 
 from __future__ import annotations
@@ -459,6 +459,16 @@ async def test_three_devices_converge_and_the_server_side_holds_no_plaintext(
         all_sent = sum(len(d.sent) for d in devices)
         for d in devices:
             assert len(d.seen_seqs) == all_sent, (d.name, len(d.seen_seqs), all_sent)
+
+        # An encrypted photo (the marker in its "pixels") and an encrypted snapshot of the whole
+        # document go through the blob store; the other side of the book opens both.
+        photo = f"\xff\xd8 photo of the receipt: {marker}".encode()
+        async with http(node1.port) as http1, http(node2.port) as http2:
+            photo_id = await a.upload_photo(http1, photo)
+            assert await c.download_photo(http2, photo_id) == photo
+            await b.upload_snapshot(http1, max(b.seen_seqs))
+            assert await c.restore_snapshot(http2) == max(b.seen_seqs)
+        assert converged(devices)  # the snapshot holds nothing the documents did not
 
         for d in devices:
             await d.close()
