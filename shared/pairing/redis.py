@@ -24,7 +24,6 @@ Redis moves nothing. Every redis-py error becomes ``BackendUnavailable``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -32,15 +31,12 @@ from typing import Any
 
 import nacl.exceptions
 import nacl.secret
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from shared.clock import now_ms
 from shared.errors import BackendUnavailable
 from shared.pairing import LINGER_S, MATCHED, PENDING, CodeStore, PairingRecord, digest
-from shared.redis_cluster import run_on_cluster
+from shared.redis_cluster import command_client, run_on_cluster
 from shared.store.base import Executor
 
 CONNECT_TIMEOUT_S = 5.0
@@ -98,23 +94,13 @@ class RedisCodeStore:
     def __init__(self, url: str, key: bytes, *, prefix: str = "sb:", cluster: bool = False) -> None:
         self._key = key
         self._prefix = prefix + "pairing:"
-        options: dict[str, Any] = {
-            "socket_connect_timeout": CONNECT_TIMEOUT_S,
-            "socket_timeout": COMMAND_TIMEOUT_S,
-            "socket_keepalive": True,
-            "retry": Retry(NoBackoff(), 1),
-        }
-        self._gate: asyncio.Semaphore | None = None
-        if cluster:
-            from redis.asyncio.cluster import RedisCluster
-
-            self._client: Any = RedisCluster.from_url(url, max_connections=POOL_SIZE, **options)
-            self._gate = asyncio.Semaphore(POOL_SIZE)
-        else:
-            pool = BlockingConnectionPool.from_url(
-                url, max_connections=POOL_SIZE, timeout=COMMAND_TIMEOUT_S, **options
-            )
-            self._client = Redis.from_pool(pool)
+        self._client, self._gate = command_client(
+            url,
+            cluster=cluster,
+            pool_size=POOL_SIZE,
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+            command_timeout_s=COMMAND_TIMEOUT_S,
+        )
         self._create = self._client.register_script(CREATE_LUA)
         self._match = self._client.register_script(MATCH_LUA)
         self._unmark = self._client.register_script(UNMARK_LUA)

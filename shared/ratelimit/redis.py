@@ -17,20 +17,16 @@ hash tag (``{...}``) lands in the tag's slot, as Redis defines it.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from shared.errors import BackendUnavailable
 from shared.ratelimit.base import Decision, Limit, RateLimiter
 from shared.ratelimit.memory import EPSILON, decision
-from shared.redis_cluster import run_on_cluster
+from shared.redis_cluster import command_client, run_on_cluster
 
 CONNECT_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 5.0
@@ -80,28 +76,13 @@ return {allowed and 1 or 0, math.ceil(now + ahead), remaining, math.ceil(retry)}
 class RedisRateLimiter:
     def __init__(self, url: str, *, prefix: str = "sb:", cluster: bool = False) -> None:
         self._prefix = prefix + "rl:"
-        options: dict[str, Any] = {
-            "socket_connect_timeout": CONNECT_TIMEOUT_S,
-            "socket_timeout": COMMAND_TIMEOUT_S,
-            "socket_keepalive": True,
-            # One retry on a fresh connection (the pooled one died with a Redis restart); a
-            # limiter in front of every request must not stall on a Redis that is really down.
-            "retry": Retry(NoBackoff(), 1),
-        }
-        # RedisCluster has no blocking pool: more commands in flight than connections raise
-        # MaxConnectionsError. The gate makes a burst wait instead (each holder is bounded by its
-        # own connect and command timeouts).
-        self._gate: asyncio.Semaphore | None = None
-        if cluster:
-            from redis.asyncio.cluster import RedisCluster
-
-            self._client: Any = RedisCluster.from_url(url, max_connections=POOL_SIZE, **options)
-            self._gate = asyncio.Semaphore(POOL_SIZE)
-        else:
-            pool = BlockingConnectionPool.from_url(
-                url, max_connections=POOL_SIZE, timeout=COMMAND_TIMEOUT_S, **options
-            )
-            self._client = Redis.from_pool(pool)
+        self._client, self._gate = command_client(
+            url,
+            cluster=cluster,
+            pool_size=POOL_SIZE,
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+            command_timeout_s=COMMAND_TIMEOUT_S,
+        )
         self._script = self._client.register_script(GCRA_LUA)
         self._eps = repr(EPSILON)
 
