@@ -98,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     r.add_argument("--duration", type=float, default=60.0, help="measured seconds (steady state)")
     r.add_argument("--drain", type=float, default=3.0, help="seconds after the last send")
+    r.add_argument(
+        "--quiet-below", type=float, default=25.0,
+        help="before a trial, wait until the machine is busy less than this %% of a core (0: no wait)",
+    )  # fmt: skip
+    r.add_argument("--quiet-seconds", type=float, default=5.0, help="over this many seconds")
+    r.add_argument("--quiet-timeout", type=float, default=900.0, help="then start anyway")
     r.add_argument("--quick", action="store_true", help="smoke: 1 round, 100 books, 5 s")
     r.add_argument("--tag", default="", help="added to the JSON file name")
     args = p.parse_args(argv)
@@ -181,6 +187,19 @@ def machine_busy_s() -> float:
         fields = [int(x) for x in f.readline().split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(below: float, seconds: float, timeout: float) -> dict[str, float]:
+    """Wait (at most ``timeout`` s) until the machine was busy less than ``below`` % of one core
+    over ``seconds`` s: on a shared machine a trial should not start beside someone's test suite."""
+    t0 = time.monotonic()
+    while True:
+        b0 = machine_busy_s()
+        time.sleep(seconds)
+        busy = 100 * (machine_busy_s() - b0) / seconds
+        waited = time.monotonic() - t0
+        if busy < below or waited >= timeout:
+            return {"waited_s": round(waited, 1), "busy_pct": round(busy, 1)}
 
 
 def process_rss(pids: list[int]) -> list[dict[str, Any]]:
@@ -373,6 +392,12 @@ def trial(args: argparse.Namespace, cfg: dict[str, Any], round_: int) -> dict[st
     result: dict[str, Any] = {"config": cfg["name"], "round": round_ + 1,
                               "loadavg_before": os.getloadavg()}  # fmt: skip
     try:
+        if args.quiet_below > 0:
+            result["quiet_wait"] = q = wait_quiet(
+                args.quiet_below, args.quiet_seconds, args.quiet_timeout
+            )
+            print(f"  waited {q['waited_s']} s for a quiet machine (busy {q['busy_pct']} %)",
+                  flush=True)  # fmt: skip
         server.start()
         result["settings"] = server.settings()
         result["postgres"] = server.pg_settings()
