@@ -62,7 +62,7 @@ from shared.books.ops import (
     valid_timestamp,
 )
 from shared.books.writer import channel_of, sequence_key_of
-from shared.broker.envelope import unpack_envelope
+from shared.broker.envelope import pack_envelope, unpack_envelope
 from shared.broker.memory import MemoryBroker
 from shared.clock import now_ms
 from shared.codes import CloseCode, ErrorCode
@@ -79,6 +79,7 @@ OP_TYPE = history.OP_TYPE
 REPLAY_PAGE = 200  # ops per store read during a catch-up or a gap read
 HELD_MAX = 10_000  # live ops held for one socket or one feed; beyond that the store is re-read
 SYNC_FLUSH_S = 5.0
+GAP_READS = 2  # store reads for gaps in flight per node (the writer needs the pool more)
 ACTIVE_EVERY_S = 60.0  # a connected, quiet device's last_active_at is refreshed this often
 
 __all__ = ["BookRelay", "channel_of", "for_state", "sequence_key_of"]
@@ -165,7 +166,16 @@ class _Feed:
     """One book on this node: its live ops put back in seq order (retention on), the sockets
     not live yet, and who is online (``BookView``)."""
 
-    __slots__ = ("book_id", "delivered", "held", "filling", "refill", "held_sockets", "view")
+    __slots__ = (
+        "book_id",
+        "delivered",
+        "held",
+        "filling",
+        "refill",
+        "held_sockets",
+        "view",
+        "polled",
+    )
 
     def __init__(self, book_id: str) -> None:
         self.book_id = book_id
@@ -175,6 +185,7 @@ class _Feed:
         self.refill = False  # a gap appeared while a read ran: read again after it
         self.held_sockets = 0  # local sockets with ``pending`` (not live yet)
         self.view = BookView()
+        self.polled: int | None = None  # ``delivered`` at the last poll (a gap read if stuck)
 
 
 class BookRelay:
@@ -189,6 +200,8 @@ class BookRelay:
         self.feeds: dict[str, _Feed] = {}  # channel -> feed
         self.node_id = os.urandom(6).hex()  # names this node in presence messages
         self._grace: dict[tuple[str, str], asyncio.TimerHandle] = {}  # last socket closed
+        # Gap reads at once: a burst of them must not take the pool from the op writer.
+        self._reads = asyncio.Semaphore(GAP_READS)
         self._saved: dict[tuple[str, str], int] = {}  # (book, device) -> delivered_seq written
         self._closed_seen: dict[tuple[str, str], int] = {}  # to write after the socket closed
         self._active_at: dict[str, float] = {}  # device -> when last_active_at was last written
@@ -450,13 +463,16 @@ class BookRelay:
         devices.update(d for (b, d) in self._grace if b == book_id)
         return sorted(devices)
 
-    def _publish_here(self, book_id: str, *, query: bool) -> None:
-        message: Message = {
+    def _here(self, book_id: str, *, query: bool) -> Message:
+        return {
             "type": HERE,
             "node": self.node_id,
             "online": self._counted_here(book_id),
             "query": query,
         }
+
+    def _publish_here(self, book_id: str, *, query: bool) -> None:
+        message = self._here(book_id, query=query)
         _ = self.state.spawn(self._publish_quietly(book_id, message, None))
 
     async def _publish_quietly(self, book_id: str, message: Message, device_id: str | None) -> None:
@@ -499,11 +515,17 @@ class BookRelay:
         """Every third of PRESENCE_TTL_S: say who is here, forget nodes that went silent."""
         ttl = self.state.settings.presence_ttl_s
         now = time.monotonic()
+        messages: list[tuple[str, bytes]] = []
         for channel, feed in list(self.feeds.items()):
-            self._publish_here(feed.book_id, query=False)
+            here = self._here(feed.book_id, query=False)
+            messages.append((channel, pack_envelope(here, None)))
             went = feed.view.expire(now, ttl, keep=self.node_id)
             if went:
                 self._tell(channel, feed, [], went)
+        try:  # every book's _here in one round trip (a pipeline on Redis)
+            await self.state.services.broker.publish_many(messages)
+        except BackendUnavailable:
+            log.warning("presence not published: the broker is unavailable")
 
     # -- live delivery in seq order (retention on) ---------------------------------------------------
     def on_book_message(self, channel: str, members: Any, data: bytes) -> None:
@@ -586,7 +608,8 @@ class BookRelay:
                 target = min(feed.held) - 1 if feed.held else upto
                 if target is None or target <= feed.delivered:
                     break
-                page = await history.read(db, feed.book_id, feed.delivered, target, REPLAY_PAGE)
+                async with self._reads:
+                    page = await history.read(db, feed.book_id, feed.delivered, target, REPLAY_PAGE)
                 if self.feeds.get(channel) is not feed:
                     return  # the last local socket left meanwhile
                 for frame in page:
@@ -609,7 +632,8 @@ class BookRelay:
                 feed.filling = None
 
     async def poll(self) -> None:
-        """Read what the store holds beyond what each feed delivered (a publish was lost)."""
+        """Read what the store holds beyond what a feed delivered, when it made no progress
+        since the previous poll (a publish was lost): within two ``INBOX_POLL_S``."""
         feeds = {f.book_id: (c, f) for c, f in self.feeds.items() if f.delivered is not None}
         if not feeds:
             return
@@ -624,12 +648,14 @@ class BookRelay:
             for row in rows:
                 channel, feed = feeds[row["book_id"]]
                 head = int(row["head"])
-                if (
-                    self.feeds.get(channel) is feed
-                    and feed.delivered is not None
-                    and head > feed.delivered
-                    and feed.filling is None
-                ):
+                delivered = feed.delivered
+                if self.feeds.get(channel) is not feed or delivered is None:
+                    continue
+                # Behind the store is normal for an op whose publish is on its way; behind and
+                # stuck since the last poll means a publish was lost: read it from the store.
+                stuck = head > delivered and feed.polled == delivered
+                feed.polled = delivered
+                if stuck and feed.filling is None:
                     self._fill(channel, feed, upto=head)
 
     async def prune(self) -> None:

@@ -69,6 +69,8 @@ class GroupCommit(Generic[Item, Result]):
         self._wakeup.set()
         # shield: a caller that gives up must not cancel the batch others are waiting on; its
         # item may still commit (like any request whose client hung up after sending it).
+        if len(futures) == 1:  # the usual case: no gathering future around the one result
+            return [await asyncio.shield(futures[0])]
         return list(await asyncio.shield(asyncio.gather(*futures)))
 
     def _ensure_running(self) -> None:

@@ -58,36 +58,18 @@ def op_frame(
     }
 
 
-_RAISE_HEAD = (
-    "INSERT INTO book_heads (book_id, head, ops_total, retained_bytes, last_op_at)"
-    " VALUES ($1, $2, $2, $3, $4) ON CONFLICT (book_id) DO UPDATE SET"
-    " head = book_heads.head + excluded.head, ops_total = book_heads.ops_total + excluded.head,"
-    " retained_bytes = book_heads.retained_bytes + excluded.retained_bytes,"
-    " last_op_at = excluded.last_op_at RETURNING head, retained_bytes"
-)
 _INSERT = (
     "INSERT INTO book_ops (book_id, seq, device_id, op_id, payload, client_ts, relay_ts, created_at)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
 )
-_IN_CHUNK = 400  # SQLite's default limit is 999 bound parameters per statement
-
-
-async def _known_op_ids(
-    tx: Executor, book_id: str, device_id: str, op_ids: Sequence[str]
-) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for i in range(0, len(op_ids), _IN_CHUNK):
-        chunk = op_ids[i : i + _IN_CHUNK]
-        marks = ", ".join(f"${n}" for n in range(3, len(chunk) + 3))
-        rows = await tx.fetch(
-            "SELECT op_id, seq FROM book_ops WHERE book_id = $1 AND device_id = $2"
-            f" AND op_id IN ({marks})",
-            book_id,
-            device_id,
-            *chunk,
-        )
-        found.update({r["op_id"]: int(r["seq"]) for r in rows})
-    return found
+_ROWS_CHUNK = 300  # rows per SQLite statement: its default limit is 999 bound parameters
+_SQLITE_HEADS = (
+    "INSERT INTO book_heads (book_id, head, ops_total, retained_bytes, last_op_at) VALUES {values}"
+    " ON CONFLICT (book_id) DO UPDATE SET head = book_heads.head + excluded.head,"
+    " ops_total = book_heads.ops_total + excluded.ops_total,"
+    " retained_bytes = book_heads.retained_bytes + excluded.retained_bytes,"
+    " last_op_at = excluded.last_op_at RETURNING book_id, head, retained_bytes"
+)
 
 
 _PG_KNOWN = """
@@ -121,22 +103,19 @@ async def _known(
             _PG_KNOWN, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
         )
         return {(r["book_id"], r["device_id"], r["op_id"]): int(r["seq"]) for r in rows}
+    # SQLite: ORed equalities, each an index search (a row-value IN scans the table instead).
     found: dict[tuple[str, str, str], int] = {}
-    by_sender: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for book_id, device_id, op_id in keys:
-        by_sender[(book_id, device_id)].append(op_id)
-    for (book_id, device_id), op_ids in by_sender.items():
-        for n in range(0, len(op_ids), _IN_CHUNK):
-            chunk = op_ids[n : n + _IN_CHUNK]
-            marks = ", ".join(f"${m}" for m in range(3, len(chunk) + 3))
-            for r in await tx.fetch(
-                "SELECT op_id, seq FROM book_ops WHERE book_id = $1 AND device_id = $2"
-                f" AND op_id IN ({marks})",
-                book_id,
-                device_id,
-                *chunk,
-            ):
-                found[(book_id, device_id, r["op_id"])] = int(r["seq"])
+    for n in range(0, len(keys), _ROWS_CHUNK):
+        chunk = keys[n : n + _ROWS_CHUNK]
+        terms = " OR ".join(
+            f"(book_id = ${3 * m + 1} AND device_id = ${3 * m + 2} AND op_id = ${3 * m + 3})"
+            for m in range(len(chunk))
+        )
+        for r in await tx.fetch(
+            f"SELECT book_id, device_id, op_id, seq FROM book_ops WHERE {terms}",
+            *(value for key in chunk for value in key),
+        ):
+            found[(r["book_id"], r["device_id"], r["op_id"])] = int(r["seq"])
     return found
 
 
@@ -151,11 +130,19 @@ async def _raise_heads(
             _PG_HEADS, books, [counts[b][0] for b in books], [counts[b][1] for b in books], now
         )
         return {r["book_id"]: (int(r["head"]), int(r["retained_bytes"])) for r in rows}
+    # SQLite (>= 3.35 for RETURNING): one multi-row upsert per chunk of books.
     heads: dict[str, tuple[int, int]] = {}
-    for book_id in books:  # SQLite (>= 3.35 for RETURNING): one writer at a time anyway
-        row = await tx.fetchrow(_RAISE_HEAD, book_id, counts[book_id][0], counts[book_id][1], now)
-        assert row is not None
-        heads[book_id] = (int(row["head"]), int(row["retained_bytes"]))
+    for n in range(0, len(books), _ROWS_CHUNK):
+        chunk = books[n : n + _ROWS_CHUNK]
+        values = ", ".join(
+            f"(${3 * m + 2}, ${3 * m + 3}, ${3 * m + 3}, ${3 * m + 4}, $1)"
+            for m in range(len(chunk))
+        )
+        args: list[Any] = [now]
+        for book_id in chunk:
+            args += [book_id, counts[book_id][0], counts[book_id][1]]
+        for row in await tx.fetch(_SQLITE_HEADS.format(values=values), *args):
+            heads[row["book_id"]] = (int(row["head"]), int(row["retained_bytes"]))
     return heads
 
 

@@ -12,7 +12,7 @@ over, not only by the periodic pass: a fast sender must not grow a book far past
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -21,6 +21,7 @@ from shared.books.history import Appended, NewOp, op_frame
 from shared.books.retention import Retention
 from shared.broker import Broker
 from shared.broker.envelope import pack_envelope
+from shared.errors import BackendUnavailable
 from shared.group_commit import GroupCommit
 from shared.secrets import hash_id
 from shared.store.base import Database, Executor
@@ -30,6 +31,7 @@ log = logging.getLogger("switchboard.relay")
 BOOK_DIGEST = 32  # hex digits (128 bits) of a book id's SHA-256 in its channel name: no collisions
 
 
+@functools.lru_cache(maxsize=65536)  # a SHA-256 per op and per delivery otherwise
 def channel_of(book_id: str) -> str:
     # The braces are a Redis Cluster hash tag: the channel and its seq counter share one slot,
     # so the sequenced publish (one script: INCR + SPUBLISH) can run there (shared/broker/redis.py).
@@ -69,18 +71,25 @@ class BookWriter(GroupCommit[NewOp, Appended]):
     async def committed(
         self, items: Sequence[NewOp], results: Sequence[Appended], now: int
     ) -> None:
-        published = []
-        for op, result in zip(items, results, strict=True):
-            if result.duplicate:
-                continue
-            frame = op_frame(result.seq, op.device_id, op.payload, op.client_ts, op.relay_ts)
-            body = pack_envelope(frame, op.device_id, seq=result.seq)
-            published.append(self._broker.publish(channel_of(op.book_id), body))
-        outcomes = await asyncio.gather(*published, return_exceptions=True)
-        failed = sum(1 for r in outcomes if isinstance(r, BaseException))
-        if failed:
+        messages = [
+            (
+                channel_of(op.book_id),
+                pack_envelope(
+                    op_frame(result.seq, op.device_id, op.payload, op.client_ts, op.relay_ts),
+                    op.device_id,
+                    seq=result.seq,
+                ),
+            )
+            for op, result in zip(items, results, strict=True)
+            if not result.duplicate
+        ]
+        try:
+            await self._broker.publish_many(messages)  # one round trip per batch on Redis
+        except BackendUnavailable:
             # The nodes' poll and the next op's gap read deliver them from the store.
-            log.warning("%d book op(s) not published; delivery falls back to the store", failed)
+            log.warning(
+                "%d book op(s) not published; delivery falls back to the store", len(messages)
+            )
         while self._over and self._max_bytes is not None:
             book_id = self._over.pop()
             try:

@@ -21,7 +21,7 @@ seq) receives a complete array (the hub does exactly that).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 MessageHandler = Callable[[str, bytes], None]
@@ -34,6 +34,11 @@ class Broker(Protocol):
 
     async def publish(self, channel: str, data: bytes) -> None:
         """Send ``data`` to every node subscribed to ``channel``. Raises ``BackendUnavailable``."""
+        ...
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """``publish`` each ``(channel, data)``, in order, in as few round trips as the broker
+        allows (one pipeline on Redis). Raises ``BackendUnavailable`` (some may be published)."""
         ...
 
     async def publish_sequenced(self, counter_key: str, channel: str, data: bytes) -> int:

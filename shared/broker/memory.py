@@ -9,6 +9,7 @@ is dropped (in one process there is no other node that could want it).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import msgpack
 
@@ -42,6 +43,10 @@ class MemoryBroker:
             # The publisher is not the subscriber: a failing handler is the hub's bug, and must not
             # surface as a publish error (Redis would not report it either).
             log.exception("broker handler failed")
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        for channel, data in messages:
+            await self.publish(channel, data)
 
     async def publish_sequenced(self, counter_key: str, channel: str, data: bytes) -> int:
         if self._closed:

@@ -50,7 +50,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
@@ -176,6 +176,24 @@ class RedisBroker:
             raise BackendUnavailable("broker is closed")
         try:
             await self._publish(self._name(channel), data)
+        except REDIS_ERRORS as exc:
+            raise BackendUnavailable(f"redis publish failed: {exc.__class__.__name__}") from exc
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        if self._closed:
+            raise BackendUnavailable("broker is closed")
+        if not messages:
+            return
+        try:
+            if self._gate is None:  # one pipeline: one round trip for the whole batch
+                pipe = self._client.pipeline(transaction=False)
+                for channel, data in messages:
+                    pipe.execute_command(self._publish_command, self._name(channel), data)
+                await pipe.execute()
+            else:  # a cluster: each message on its own slot's master, bounded by the gate
+                await asyncio.gather(
+                    *(self._spublish(self._name(channel), data) for channel, data in messages)
+                )
         except REDIS_ERRORS as exc:
             raise BackendUnavailable(f"redis publish failed: {exc.__class__.__name__}") from exc
 
