@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     lay.add_argument("--period", type=float, default=2.0, help="seconds between a device's ops")
     lay.add_argument("--payload", type=int, default=200, help="bytes of (fake) ciphertext per op")
+    lay.add_argument(
+        "--no-op-id", action="store_true",
+        help="ops without 'id' (realtime.md: optional; no dedupe entry is kept for them)",
+    )  # fmt: skip
     lay.add_argument("--load-procs", type=int, default=2, help="load processes")
     lay.add_argument("--concurrency", type=int, default=50, help="handshakes in flight per process")
     r = p.add_argument_group("runs")
@@ -104,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     r.add_argument("--quiet-seconds", type=float, default=5.0, help="over this many seconds")
     r.add_argument("--quiet-timeout", type=float, default=900.0, help="then start anyway")
+    r.add_argument("--profile", action="store_true", help="py-spy record the server in the window")
+    r.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames: gc)")
+    r.add_argument(
+        "--profile-format", default="raw", choices=["raw", "speedscope"],
+        help="speedscope keeps the samples' order (a timeline)",
+    )  # fmt: skip
     r.add_argument("--quick", action="store_true", help="smoke: 1 round, 100 books, 5 s")
     r.add_argument("--tag", default="", help="added to the JSON file name")
     args = p.parse_args(argv)
@@ -213,6 +223,27 @@ def process_rss(pids: list[int]) -> list[dict[str, Any]]:
     return out
 
 
+def start_profile(
+    args: argparse.Namespace, cfg: dict[str, Any], server: BookServer
+) -> tuple[subprocess.Popen[bytes], Path] | None:
+    """py-spy (``pip install py-spy``) on the server tree for the window, raw format."""
+    pyspy = ROOT / ".venv" / "bin" / "py-spy"
+    if not pyspy.exists():
+        print("  (py-spy not installed in .venv: pip install py-spy)", flush=True)
+        return None
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    ext = "txt" if args.profile_format == "raw" else "json"
+    path = RESULTS / f"book-relay-profile-{cfg['name']}-{stamp}.{ext}"
+    cmd = [str(pyspy), "record", "--pid", str(server.pid), "--subprocesses",
+           "--duration", str(int(args.duration)), "--rate", "250",
+           "--format", args.profile_format, "--output", str(path)]  # fmt: skip
+    # --native (C frames, e.g. the garbage collector) must pause the process for each sample.
+    cmd.append("--native" if args.profile_native else "--nonblocking")
+    if cfg["load_cpus"]:
+        cmd = ["taskset", "-c", cfg["load_cpus"], *cmd]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path
+
+
 # -- one trial --------------------------------------------------------------------------------
 def socket_specs(layout: Layout) -> list[SocketSpec]:
     return [
@@ -280,6 +311,7 @@ async def _measure(
         "redis_shared": procstat.CpuMeter(rpids),
         "load": procstat.CpuMeter(load_pids),
     }
+    prof = start_profile(args, cfg, server) if args.profile or args.profile_native else None
     now = time.monotonic()
     for m in meters.values():
         m.start(now)
@@ -307,6 +339,13 @@ async def _measure(
     out["server_rss_kb_workers"] = round(procstat.rss_kb(workers_only))
     out["pg_backends"] = len(pg)
     await asyncio.sleep(max(0.0, m1 + args.drain - time.monotonic()))
+    if prof is not None:
+        proc, path = prof
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        out["profile_raw"] = str(path.relative_to(ROOT))
 
     for w in workers:
         w.send("report")
@@ -410,7 +449,8 @@ def trial(args: argparse.Namespace, cfg: dict[str, Any], round_: int) -> dict[st
         n = max(1, args.load_procs)
         for i in range(n):
             spec = DeviceSpec("127.0.0.1", server.port, sockets[i::n], args.period, args.payload,
-                              args.concurrency, 30.0, 1800.0, cfg["load_cpus"], 1000 * round_ + i)  # fmt: skip
+                              args.concurrency, 30.0, 1800.0, cfg["load_cpus"], 1000 * round_ + i,
+                              not args.no_op_id)  # fmt: skip
             workers.append(DeviceWorker(spec))
         result.update(uvloop.run(measure(args, cfg, server, workers, len(sockets))))
     finally:

@@ -5,7 +5,8 @@ A ``BookDevice`` is an ``asyncio.Protocol`` with the handshake written by hand
 ``switchboard.v1.msgpack``, so ``payload`` travels as raw bytes. The relay's rate is low (one op
 per device every ``period`` s), so every frame is parsed: nothing is sampled or counted from bytes.
 
-Each op is ``{"type": "crdt_operation", "id": "<device>-<k>", "payload": <bytes>, "timestamp": T}``
+Each op is ``{"type": "crdt_operation", "id": "op-<16 hex>", "payload": <bytes>, "timestamp": T}``
+(the SDK's id shape; ``--no-op-id`` leaves it out)
 whose payload (the fake ciphertext, ``payload_size`` bytes) starts with ``<q I I``: the send time
 (``time.monotonic_ns``, CLOCK_MONOTONIC: the same clock in every process of the machine), the
 sender's index and the op's number; the rest is random padding. Then:
@@ -36,6 +37,7 @@ import struct
 import sys
 import time
 from array import array
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -83,6 +85,7 @@ class DeviceSpec:
     max_seconds: float
     cpus: str
     seed: int
+    op_ids: bool = True  # False: ops without "id" (no dedupe entry on the server; acks say null)
 
 
 class Counters:
@@ -121,7 +124,7 @@ class Counters:
 class BookDevice(asyncio.Protocol):
     __slots__ = (
         "spec", "c", "request", "transport", "opened", "buf", "ready", "last_seq", "inflight",
-        "proc",
+        "proc", "unnamed",
     )  # fmt: skip
 
     def __init__(self, spec: SocketSpec, counters: Counters, request: bytes, proc: Proc) -> None:
@@ -135,6 +138,7 @@ class BookDevice(asyncio.Protocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.last_seq = 0
         self.inflight: dict[str, int] = {}  # op id -> send ns
+        self.unnamed: deque[int] = deque()  # send ns of ops sent without id, in order
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -214,7 +218,11 @@ class BookDevice(asyncio.Protocol):
         elif kind == "ack":
             now = time.monotonic_ns()
             c.acks += 1
-            sent_ns = self.inflight.pop(frame.get("id"), None)
+            op_id = frame.get("id")
+            if op_id is None:
+                sent_ns = self.unnamed.popleft() if self.unnamed else None
+            else:
+                sent_ns = self.inflight.pop(op_id, None)
             if sent_ns is not None and self.proc.m0_ns <= sent_ns < self.proc.m1_ns:
                 c.acks_win += 1
                 c.ack_ns.append(now - sent_ns)
@@ -233,13 +241,15 @@ class BookDevice(asyncio.Protocol):
     def send_op(self, k: int, unix_s: int) -> int:
         """Write op ``k`` now; its send time (monotonic ns)."""
         sent_ns = time.monotonic_ns()
-        op_id = f"{self.spec.index}-{k}"
         payload = STAMP.pack(sent_ns, self.spec.index, k) + self.proc.pad
-        body = msgpack.packb(
-            {"type": "crdt_operation", "id": op_id, "payload": payload, "timestamp": unix_s}
-        )
-        self.inflight[op_id] = sent_ns
-        self.transport.write(client_frame(body, OP_BINARY))
+        op: dict[str, Any] = {"type": "crdt_operation", "payload": payload, "timestamp": unix_s}
+        if self.proc.spec.op_ids:
+            # The SDK's shape and length ("op-" + 16 hex, relay/client/core.py send_op).
+            op["id"] = op_id = f"op-{self.spec.index:08x}{k:08x}"
+            self.inflight[op_id] = sent_ns
+        else:  # acks come back in send order (one publisher task per socket), with id null
+            self.unnamed.append(sent_ns)
+        self.transport.write(client_frame(msgpack.packb(op), OP_BINARY))
         return sent_ns
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -384,7 +394,7 @@ async def _worker(conn: Connection, spec: DeviceSpec) -> None:
                 conn.send(("report", counters.report(), counters.lat_ns.tobytes(),
                            counters.lat_hot_ns.tobytes(), counters.ack_ns.tobytes(),
                            counters.lag_ns.tobytes(),
-                           sum(len(d.inflight) for d in devices)))  # fmt: skip
+                           sum(len(d.inflight) + len(d.unnamed) for d in devices)))  # fmt: skip
                 continue
             break
     finally:
