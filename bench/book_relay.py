@@ -551,6 +551,37 @@ def git_commit() -> str:
         return ""
 
 
+def json_name(args: argparse.Namespace, stamp: str) -> str:
+    return f"book-relay{'-' + args.tag if args.tag else ''}-{stamp}.json"
+
+
+def write_doc(
+    args: argparse.Namespace, cfgs: list[dict[str, Any]], trials: list[dict[str, Any]], stamp: str,
+    complete: bool,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The JSON of the run so far (rewritten after every trial); the summaries per config."""
+    summaries = {c["name"]: summarize([t for t in trials if t["config"] == c["name"]])
+                 for c in cfgs}  # fmt: skip
+    doc = {
+        "benchmark": "book_relay",
+        "complete": complete,
+        "command": " ".join([sys.executable.replace(str(Path.cwd()) + "/", ""), *sys.argv]),
+        "commit": git_commit(),
+        "started_utc": stamp,
+        "finished_utc": datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ"),
+        "machine": machine(),
+        "configs": cfgs,
+        "args": vars(args),
+        "summary": summaries,
+        "trials": trials,
+    }
+    path = RESULTS / json_name(args, stamp)
+    tmp = path.with_suffix(".part")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
+    return summaries
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
@@ -577,31 +608,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  FAILED: {exc!r}"[:800], flush=True)
                 t = {"config": cfg["name"], "round": r + 1, "error": repr(exc)[:2000]}
             trials.append(t)
+            write_doc(args, cfgs, trials, stamp, complete=False)  # a killed run keeps its trials
             rl, ak = t.get("relay_latency", {}), t.get("ack_latency", {})
             print(f"  {t.get('ops_per_s')} ops/s, {t.get('deliveries_per_s')} deliveries/s "
                   f"({t.get('window_deliveries')}/{t.get('window_deliveries_expected')}), relay "
                   f"p50 {rl.get('p50_ms')} / p99 {rl.get('p99_ms')} / max {rl.get('max_ms')} ms, "
                   f"ack p99 {ak.get('p99_ms')} ms, server {t.get('server_cpu_pct')} % "
-                  f"{t.get('server_rss_kb')} KB, load {t.get('load_cpu_pct')} %, "
+                  f"(run-queue wait {t.get('server_runqueue_wait_pct')} %) "
+                  f"{t.get('server_rss_kb')} KB, PG {t.get('pg_backends_cpu_pct')} %, load "
+                  f"{t.get('load_cpu_pct')} %, others {t.get('other_cpu_pct')} %, "
                   f"book_ops {t.get('book_ops_rows')}", flush=True)  # fmt: skip
-    summaries = {c["name"]: summarize([t for t in trials if t["config"] == c["name"]])
-                 for c in cfgs}  # fmt: skip
-    doc = {
-        "benchmark": "book_relay",
-        "command": " ".join([sys.executable.replace(str(Path.cwd()) + "/", ""), *sys.argv]),
-        "commit": git_commit(),
-        "started_utc": stamp,
-        "finished_utc": datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ"),
-        "machine": machine(),
-        "configs": cfgs,
-        "args": vars(args),
-        "summary": summaries,
-        "trials": trials,
-    }
-    name = f"book-relay{'-' + args.tag if args.tag else ''}-{stamp}.json"
-    (RESULTS / name).write_text(json.dumps(doc, indent=2))
+    summaries = write_doc(args, cfgs, trials, stamp, complete=True)
     print_table(summaries)
-    print(f"\nmedian (min-max) of {args.runs} round(s); JSON: bench/results/{name}")
+    print(
+        f"\nmedian (min-max) of {args.runs} round(s); JSON: bench/results/{json_name(args, stamp)}"
+    )
     return 0
 
 
