@@ -316,6 +316,7 @@ async def _measure(
     for m in meters.values():
         m.start(now)
     wait0, tw0, busy0 = runqueue_wait_s(tree), now, machine_busy_s()
+    wall0 = time.time()
     rss_max = 0.0
     while time.monotonic() < m1 - 0.05:
         await asyncio.sleep(min(5.0, max(0.0, m1 - time.monotonic() - 0.05)))
@@ -326,6 +327,7 @@ async def _measure(
         100 * (runqueue_wait_s(tree) - wait0) / max(1e-9, now - tw0), 1
     )
     window = now - tw0
+    wall1 = time.time()
     # Whatever else ran on the machine meanwhile (others' test suites; kernel softirq time of
     # our own loopback traffic not charged to a process lands here too).
     busy = 100 * (machine_busy_s() - busy0) / max(1e-9, window)
@@ -339,6 +341,7 @@ async def _measure(
     out["server_rss_kb_workers"] = round(procstat.rss_kb(workers_only))
     out["pg_backends"] = len(pg)
     await asyncio.sleep(max(0.0, m1 + args.drain - time.monotonic()))
+    out["history_commits"] = server.history_batches(int(wall0 * 1000), int(wall1 * 1000))
     if prof is not None:
         proc, path = prof
         try:
@@ -474,7 +477,7 @@ FIGURES = (
     "ack_latency.p99_ms", "server_cpu_pct", "server_cpu_ms_per_op", "server_rss_kb",
     "server_runqueue_wait_pct", "pg_backends_cpu_pct", "redis_shared_cpu_pct", "load_cpu_pct",
     "server_rss_kb_workers", "connect_seconds", "send_lateness.max_ms", "load_loop_lag.p99_ms", "load_loop_lag.max_ms",
-    "other_cpu_pct",
+    "other_cpu_pct", "history_commits.ops_per_commit", "history_commits.commits_per_s",
 )  # fmt: skip
 
 
@@ -529,6 +532,8 @@ def print_table(summaries: dict[str, dict[str, Any]]) -> None:
         ("PG backends CPU %", "pg_backends_cpu_pct", 1),
         ("Redis CPU % (shared)", "redis_shared_cpu_pct", 1), ("load CPU %", "load_cpu_pct", 1),
         ("other processes' CPU %", "other_cpu_pct", 1),
+        ("history: ops per commit", "history_commits.ops_per_commit", 1),
+        ("history: commits/s", "history_commits.commits_per_s", 1),
         ("load loop lag p99 ms", "load_loop_lag.p99_ms", 2),
         ("load loop lag max ms", "load_loop_lag.max_ms", 2),
         ("connect s", "connect_seconds", 2), ("max send lateness ms", "send_lateness.max_ms", 2),

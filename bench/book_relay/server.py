@@ -82,3 +82,37 @@ class BookServer(Server):
                 con.close()
         except Exception:  # noqa: BLE001 - a statistic, never fatal
             return None
+
+    def history_batches(self, t0_ms: int, t1_ms: int) -> dict[str, float] | None:
+        """Group commits of the book history in a window: a commit stamps its ops' ``created_at``
+        once, so ops per distinct ``created_at`` ~ ops per commit (two within 1 ms count as one).
+        None when nothing was retained (a live-only relay)."""
+        table = f'"{self.tag}".book_ops' if self.store == "postgresql" else "book_ops"
+        sql = (
+            "SELECT SUM(n), COUNT(*), MAX(n) FROM (SELECT created_at, COUNT(*) AS n"
+            f" FROM {table} WHERE created_at >= {int(t0_ms)} AND created_at < {int(t1_ms)}"
+            " GROUP BY created_at) b"
+        )
+        try:
+            if self.store == "postgresql":
+                row = self._psql(sql).strip().split("|")
+            else:
+                db = Path(self.data_dir) / "switchboard.db"
+                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+                try:
+                    row = [str(v) for v in con.execute(sql).fetchone()]
+                finally:
+                    con.close()
+            ops, commits, biggest = (float(v) if v not in ("", "None") else 0.0 for v in row)
+        except Exception:  # noqa: BLE001 - a statistic, never fatal
+            return None
+        if not commits:
+            return None
+        seconds = max(0.001, (t1_ms - t0_ms) / 1000)
+        return {
+            "ops": ops,
+            "commits": commits,
+            "ops_per_commit": round(ops / commits, 1),
+            "max_ops_per_commit": biggest,
+            "commits_per_s": round(commits / seconds, 1),
+        }
